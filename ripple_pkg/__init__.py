@@ -1,0 +1,1 @@
+"""ripple-flash: LLM FFN weights in flash, read per token by co-activation placement."""
