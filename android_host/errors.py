@@ -1,0 +1,11 @@
+"""The errors a user can act on: the CLI prints their message as one line and exits 2.
+Anything else is a bug and keeps its traceback."""
+from ..layout.errors import LayoutError
+from ..runtime_py.reader import ReadError
+from ..tuning.calibration import CalibrationError
+from ..tuning.model import ModelLoadError
+from ..tuning.profile import ProfileError
+
+# ValueError covers bad arguments caught below the parser (shapes, placements, sparsity).
+USER_ERRORS = (LayoutError, ReadError, CalibrationError, ModelLoadError, ProfileError,
+               ValueError, FileNotFoundError, IsADirectoryError, PermissionError)

@@ -1,0 +1,149 @@
+"""One library function per CLI verb; the CLI parses flags and calls these, tests call them
+directly. Each writes its output atomically: a failed verb leaves no half-written file."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..layout.bundle import BundleSpec, encode_bundles
+from ..layout.pack import write_layout
+from ..layout.reader import check_source, describe, open_layout, verify_layout
+from ..runtime_py.engine import generate, report
+from ..runtime_py.reader import FlashReader
+from ..tuning.calibration import (CALIBRATION_PROMPTS, HELDOUT_PROMPTS, file_sequences,
+                                  sample_sequences, split_heldout)
+from ..tuning.checkpoint import default_model_path, load_model, load_tokenizer
+from ..tuning.forward import to_torch
+from ..tuning.profile import Profile, ProfileError, load_profile, run_profile, save_profile, thresholds_at
+
+
+def write_json(path: str | os.PathLike, obj: dict) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=path.name + ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def profile_summary(p: Profile) -> dict:
+    dens = p.density("heldout")
+    return {
+        "criterion": p.criterion, "sparsity": p.sparsity, "rule": p.meta.get("sparsity_rule"),
+        "ppl_dense": p.meta.get("ppl_dense"),
+        "table": [{"sparsity": float(s), "ppl": float(q)} for s, q in zip(p.grid, p.grid_ppl)],
+        "heldout_active_fraction_per_layer": [round(float(x), 4) for x in dens],
+        **{k: v for k, v in p.meta.items() if k.endswith("tokens") or k == "text"},
+    }
+
+
+def profile_cmd(model: str | None, out: str, text: list[str] | None = None, criterion: str = "coef",
+                sparsity: float | None = None, ppl_budget: float = 0.10, calib_tokens: int = 1024,
+                heldout_tokens: int = 512, seq_len: int = 128, seed: int = 0) -> dict:
+    path = model or default_model_path()
+    desc = load_model(path)
+    tok = load_tokenizer(path)
+    tm = to_torch(desc)
+    if text:
+        seqs = file_sequences(tok, text, seq_len)
+        calib, held = split_heldout(seqs, heldout_tokens / (calib_tokens + heldout_tokens))
+        source = f"files: {', '.join(text)} (last sequences held out)"
+    else:
+        calib = sample_sequences(tm, tok, CALIBRATION_PROMPTS, calib_tokens, seq_len, seed, "calibration text")
+        held = sample_sequences(tm, tok, HELDOUT_PROMPTS, heldout_tokens, seq_len, seed + 1, "held-out text")
+        source = "self-sampled (temperature 0.8, top-50); disjoint prompt lists and seeds"
+    p = run_profile(tm, calib, held, criterion, sparsity, ppl_budget, meta={"text": source, "model": str(path)})
+    save_profile(p, out)
+    return profile_summary(p)
+
+
+def pack_cmd(model: str | None, out_dir: str, profile: str | None = None,
+             placement: str | None = None, dtype: str = "fp16") -> dict:
+    path = model or default_model_path()
+    desc = load_model(path)
+    meta: dict = {"model": desc.name or str(path), "arch": desc.arch}
+    if profile:
+        p = load_profile(profile)
+        if p.source_hash != desc.source_hash:
+            raise ProfileError(f"{profile}: profiled on another checkpoint than {path}; "
+                               "profile this model first")
+        meta.update(sparsity=p.sparsity, criterion=p.criterion, thresholds=p.thresholds.tolist(),
+                    grid=p.grid.tolist(), grid_thresholds=p.grid_thresholds.tolist(),
+                    grid_ppl=p.grid_ppl.tolist(), ppl_dense=p.meta.get("ppl_dense"))
+    perms = load_placement(placement, desc.n_layers, desc.d_ffn) if placement else \
+        [np.arange(desc.d_ffn) for _ in range(desc.n_layers)]
+    meta["placement"] = placement or "identity"
+    spec = BundleSpec(desc.activation, desc.d_model, dtype, desc.layers[0].b_up is not None)
+
+    def layers():
+        for lw, perm in zip(desc.layers, perms):
+            yield encode_bundles(spec, lw.w_up, lw.w_down.T, lw.w_gate, lw.b_up), perm
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    write_layout(out_dir, spec, layers(), meta, str(path), desc.source_hash, arch=desc.arch)
+    return describe(open_layout(out_dir, verify=True))
+
+
+def load_placement(path: str, n_layers: int, n: int) -> list[np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            perm = np.asarray(z["perm"])
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable placement ({e}); write it with `ripple place`") from e
+    if perm.shape != (n_layers, n):
+        raise ValueError(f"{path}: placement has shape {perm.shape}, model needs ({n_layers}, {n})")
+    return list(perm)
+
+
+def inspect_cmd(path: str, verify: bool = False) -> dict:
+    layout = open_layout(path, verify=False)
+    if verify:
+        verify_layout(layout)
+    info = describe(layout)
+    info["verified"] = verify
+    return info
+
+
+def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What is flash memory?",
+                 tokens: int = 16, sparsity: float | None = None, queue_depth: int = 32,
+                 chat: bool = True, o_direct: bool = True, json_out: str | None = None) -> dict:
+    if tokens < 1:
+        raise ValueError(f"--tokens {tokens}: must be at least 1")
+    path = model or default_model_path()
+    layout = open_layout(layout_dir)
+    desc = load_model(path)
+    check_source(layout, desc.source_hash)
+    meta = layout.manifest.meta
+    if sparsity is None:
+        sparsity = float(meta.get("sparsity", 0.0))
+    if sparsity == 0.0:
+        thresholds = np.full(desc.n_layers, -1.0)
+    else:
+        if "grid" not in meta:
+            raise ValueError(f"{layout_dir}: packed without a profile, so only --sparsity 0 works; "
+                             "pack with --profile")
+        thresholds = thresholds_at(meta["grid"], meta["grid_thresholds"], sparsity)
+    tok = load_tokenizer(path)
+    tm = to_torch(desc)
+    if chat and getattr(tok, "chat_template", None):
+        ids = list(tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=False))
+    else:
+        ids = list(tok(prompt)["input_ids"])
+    with FlashReader(layout.path, queue_depth, o_direct) as reader:
+        gen = generate(tm, layout, reader, thresholds, meta.get("criterion", "coef"), ids, tokens, tok)
+        rep = report(gen, reader, desc.n_layers * desc.d_ffn)
+    out = {"model": str(path), "layout": str(layout.path), "sparsity": sparsity, "prompt": prompt,
+           "text": gen.text, "tokens": gen.tokens, **rep}
+    if json_out:
+        write_json(json_out, out)
+    return out

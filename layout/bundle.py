@@ -1,0 +1,134 @@
+"""A bundle: everything one FFN neuron needs, stored together so one read fetches it.
+
+SwiGLU (Llama family): gate row | up row | down column.  ReLU (OPT): up row | down column,
+then the up bias when the model has one. Bundles are encoded in the dtype the kernels
+compute from, so a gathered buffer of k bundles is the kernel's input as is (no repacking).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ACTIVATIONS = ("swiglu", "relu")
+
+# Bytes of one stored value, per encoding. int8 and q4 (with per-bundle scales) will add
+# entries here and in _ENCODE / _DECODE; everything else sizes itself from bundle_bytes.
+_VALUE_BYTES = {"fp16": 2}
+
+# Explicit little-endian: the file is read as is by kernels on ARM and x86 alike.
+_FP16 = np.dtype("<f2")
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    activation: str          # "swiglu" | "relu"
+    d_model: int
+    dtype: str = "fp16"
+    has_up_bias: bool = False
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if not isinstance(self.d_model, (int, np.integer)) or isinstance(self.d_model, bool) \
+                or self.d_model < 1:
+            raise ValueError(f"d_model must be a positive int, got {self.d_model!r}")
+        # A numpy int from a config would leak into the manifest, which json cannot write.
+        object.__setattr__(self, "d_model", int(self.d_model))
+        if self.dtype not in _VALUE_BYTES:
+            raise ValueError(f"bundle dtype {self.dtype!r} is not supported; "
+                             f"supported: {sorted(_VALUE_BYTES)}")
+        if self.has_up_bias and self.activation != "relu":
+            raise ValueError("only relu (OPT-style) bundles carry an up bias")
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return ("gate", "up", "down") if self.activation == "swiglu" else ("up", "down")
+
+    @property
+    def elems(self) -> int:
+        """Values per bundle: d_model per part, plus the bias."""
+        return len(self.parts) * self.d_model + int(self.has_up_bias)
+
+    @property
+    def bundle_bytes(self) -> int:
+        return self.elems * _VALUE_BYTES[self.dtype]
+
+
+@dataclass
+class Bundles:
+    """Decoded bundles, float32, row j = the j-th bundle given to decode_bundles."""
+    up: np.ndarray                     # (k, d)
+    down_t: np.ndarray                 # (k, d): columns of W_down, as rows
+    gate: np.ndarray | None = None     # (k, d), SwiGLU only
+    up_bias: np.ndarray | None = None  # (k,), ReLU with bias only
+
+
+def encode_bundles(spec: BundleSpec, up: np.ndarray, down_t: np.ndarray,
+                   gate: np.ndarray | None = None,
+                   up_bias: np.ndarray | None = None) -> np.ndarray:
+    """Bundles of n neurons in neuron order: uint8 (n, spec.bundle_bytes).
+
+    up and gate are rows of W_up / W_gate, (n, d); down_t is W_down transposed, (n, d)."""
+    up = np.asarray(up)
+    n = up.shape[0] if up.ndim == 2 else -1
+    parts = {"gate": gate, "up": up, "down": down_t}
+    for name in spec.parts:
+        _check_rows(name, parts[name], n, spec.d_model)
+    if "gate" not in spec.parts and gate is not None:
+        raise ValueError("relu bundles have no gate; pass gate=None")
+    if spec.has_up_bias:
+        if up_bias is None or np.shape(up_bias) != (n,):
+            raise ValueError(f"up_bias must have shape ({n},), got "
+                             f"{None if up_bias is None else np.shape(up_bias)}")
+    elif up_bias is not None:
+        raise ValueError("this BundleSpec has has_up_bias=False; pass up_bias=None")
+    return _ENCODE[spec.dtype](spec, parts, up_bias)
+
+
+def decode_bundles(spec: BundleSpec, raw: np.ndarray) -> Bundles:
+    """The inverse of encode_bundles for k bundles read from a layout: raw uint8 (k, bundle_bytes)."""
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] != spec.bundle_bytes:
+        raise ValueError(f"raw bundles must be uint8 (k, {spec.bundle_bytes}), "
+                         f"got {raw.dtype} {raw.shape}")
+    return _DECODE[spec.dtype](spec, np.ascontiguousarray(raw))
+
+
+def _check_rows(name: str, a, n: int, d: int) -> None:
+    shape = None if a is None else np.shape(a)
+    if shape is None or len(shape) != 2 or shape[1] != d or (n >= 0 and shape[0] != n):
+        want = f"({n if n >= 0 else 'n'}, {d})"
+        raise ValueError(f"{name} must have shape {want}, got {shape}")
+
+
+def _encode_fp16(spec: BundleSpec, parts: dict, up_bias) -> np.ndarray:
+    d = spec.d_model
+    n = parts["up"].shape[0]
+    out = np.empty((n, spec.elems), dtype=_FP16)
+    with np.errstate(over="ignore", invalid="ignore"):  # reported below, by part name
+        for i, name in enumerate(spec.parts):
+            out[:, i * d:(i + 1) * d] = parts[name]
+        if spec.has_up_bias:
+            out[:, -1] = up_bias
+    # A value beyond fp16's range silently becomes inf and poisons every token that reads it.
+    if not np.isfinite(out).all():
+        bad = [name for i, name in enumerate(spec.parts)
+               if not np.isfinite(out[:, i * d:(i + 1) * d]).all()]
+        if spec.has_up_bias and not np.isfinite(out[:, -1]).all():
+            bad.append("up_bias")
+        raise ValueError(f"{', '.join(bad)} hold NaN or values beyond float16's range "
+                         f"(|x| > 65504); fp16 bundles cannot store them")
+    return out.view(np.uint8)
+
+
+def _decode_fp16(spec: BundleSpec, raw: np.ndarray) -> Bundles:
+    d = spec.d_model
+    vals = raw.view(_FP16)  # (k, elems): the same view a kernel takes of the gathered buffer
+    got = {name: vals[:, i * d:(i + 1) * d].astype(np.float32) for i, name in enumerate(spec.parts)}
+    bias = vals[:, -1].astype(np.float32) if spec.has_up_bias else None
+    return Bundles(up=got["up"], down_t=got["down"], gate=got.get("gate"), up_bias=bias)
+
+
+_ENCODE = {"fp16": _encode_fp16}
+_DECODE = {"fp16": _decode_fp16}

@@ -1,0 +1,34 @@
+"""Our forward pass against transformers' own models on the same weights."""
+import numpy as np
+import torch
+
+from ripple.tuning.checkpoint import load_model
+from ripple.tuning.forward import forward, new_cache, to_torch
+
+
+def hf_logits(path, tokens):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens)[None]).logits[0].numpy()
+
+
+def test_opt_forward_matches_transformers(random_opt_dir):
+    tokens = np.random.default_rng(0).integers(0, 128, 20)
+    ours = forward(to_torch(load_model(random_opt_dir)), torch.from_numpy(tokens)[None])[0].numpy()
+    np.testing.assert_allclose(ours, hf_logits(random_opt_dir, tokens), atol=1e-4)
+
+
+def test_llama_forward_matches_transformers(random_llama_dir):
+    tokens = np.random.default_rng(1).integers(0, 128, 20)
+    ours = forward(to_torch(load_model(random_llama_dir)), torch.from_numpy(tokens)[None])[0].numpy()
+    np.testing.assert_allclose(ours, hf_logits(random_llama_dir, tokens), atol=1e-4)
+
+
+def test_cached_decoding_matches_one_full_pass(random_llama_dir):
+    tm = to_torch(load_model(random_llama_dir))
+    tokens = torch.from_numpy(np.random.default_rng(2).integers(0, 128, 12))[None]
+    full = forward(tm, tokens)
+    cache = new_cache(tm, 1, 12)
+    steps = [forward(tm, tokens[:, :5], cache)] + [forward(tm, tokens[:, i:i + 1], cache) for i in range(5, 12)]
+    np.testing.assert_allclose(torch.cat(steps, 1).numpy(), full.numpy(), atol=1e-4)

@@ -1,0 +1,147 @@
+"""The torch forward pass of a ModelDesc, with the FFN as a pluggable function.
+
+The reference (dense FFN from DRAM), the profiler (records FFN coefficients), the sparsity
+evaluation (thresholded FFN) and the flash-backed engine (FFN from bundles read per token)
+all run this same code and differ only in the `ffn` they pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import ARCHS, OPT_POSITION_OFFSET, ModelDesc
+
+# ffn(layer, h) -> FFN output; h is the normalised layer input, (B, T, d).
+FFN = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TorchModel:
+    desc: ModelDesc
+    embed: torch.Tensor
+    lm_head: torch.Tensor
+    final_norm: torch.Tensor
+    final_norm_b: torch.Tensor | None
+    pos_embed: torch.Tensor | None
+    layers: list[dict[str, torch.Tensor | None]]
+    inv_freq: torch.Tensor | None
+
+
+@dataclass
+class KVCache:
+    k: list[torch.Tensor]        # per layer (B, n_kv_heads, max_len, head_dim)
+    v: list[torch.Tensor]
+    length: int = 0
+
+
+def to_torch(desc: ModelDesc) -> TorchModel:
+    def t(a):
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+    layers = [{name: t(getattr(lw, name)) for name in lw.__dataclass_fields__} for lw in desc.layers]
+    inv_freq = None
+    if ARCHS[desc.arch]["positions"] == "rope":
+        hd = desc.head_dim
+        inv_freq = 1.0 / (desc.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+        inv_freq = inv_freq.float()
+    embed = t(desc.embed)
+    lm_head = embed if desc.lm_head is desc.embed else t(desc.lm_head)
+    return TorchModel(desc, embed, lm_head, t(desc.final_norm), t(desc.final_norm_b),
+                      t(desc.pos_embed), layers, inv_freq)
+
+
+def new_cache(tm: TorchModel, batch: int, max_len: int) -> KVCache:
+    d = tm.desc
+    shape = (batch, d.n_kv_heads, max_len, d.head_dim)
+    return KVCache([torch.zeros(shape) for _ in range(d.n_layers)],
+                   [torch.zeros(shape) for _ in range(d.n_layers)])
+
+
+def norm(tm: TorchModel, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    if ARCHS[tm.desc.arch]["norm"] == "rms":
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + tm.desc.norm_eps) * w
+    return F.layer_norm(x, (x.shape[-1],), w, b, tm.desc.norm_eps)
+
+
+def ffn_parts(tm: TorchModel, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(coefficient, silu(gate)) per neuron. The coefficient is what W_down multiplies:
+    silu(gate)*up for SwiGLU, relu(up + b) for ReLU (which has no gate: None)."""
+    w = tm.layers[layer]
+    up = F.linear(h, w["w_up"], w["b_up"])
+    if tm.desc.activation == "swiglu":
+        gate = F.silu(F.linear(h, w["w_gate"]))
+        return gate * up, gate
+    return F.relu(up), None
+
+
+def ffn_coefficients(tm: TorchModel, layer: int, h: torch.Tensor) -> torch.Tensor:
+    return ffn_parts(tm, layer, h)[0]
+
+
+def ffn_output(tm: TorchModel, layer: int, coef: torch.Tensor) -> torch.Tensor:
+    w = tm.layers[layer]
+    return F.linear(coef, w["w_down"], w["b_down"])
+
+
+def dense_ffn(tm: TorchModel) -> FFN:
+    return lambda layer, h: ffn_output(tm, layer, ffn_coefficients(tm, layer, h))
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _attention(tm: TorchModel, layer: int, h: torch.Tensor, pos: torch.Tensor,
+               cache: KVCache | None) -> torch.Tensor:
+    d, w = tm.desc, tm.layers[layer]
+    B, T, _ = h.shape
+    q = F.linear(h, w["wq"], w["bq"]).view(B, T, d.n_heads, d.head_dim).transpose(1, 2)
+    k = F.linear(h, w["wk"], w["bk"]).view(B, T, d.n_kv_heads, d.head_dim).transpose(1, 2)
+    v = F.linear(h, w["wv"], w["bv"]).view(B, T, d.n_kv_heads, d.head_dim).transpose(1, 2)
+    if tm.inv_freq is not None:
+        freqs = pos.float()[:, None] * tm.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        q, k = _rope(q, emb.cos(), emb.sin()), _rope(k, emb.cos(), emb.sin())
+    start = 0
+    if cache is not None:
+        start = cache.length
+        cache.k[layer][:, :, start:start + T] = k
+        cache.v[layer][:, :, start:start + T] = v
+        k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
+    if d.n_kv_heads != d.n_heads:
+        rep = d.n_heads // d.n_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    q_pos = torch.arange(start, start + T)[:, None]
+    mask = torch.arange(start + T)[None, :] <= q_pos
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.linear(out.transpose(1, 2).reshape(B, T, -1), w["wo"], w["bo"])
+
+
+@torch.inference_mode()
+def forward(tm: TorchModel, tokens: torch.Tensor, cache: KVCache | None = None,
+            ffn: FFN | None = None, last_only: bool = False) -> torch.Tensor:
+    """Logits (B, T, vocab) for tokens (B, T); with a cache, tokens continue from cache.length."""
+    ffn = ffn or dense_ffn(tm)
+    start = cache.length if cache is not None else 0
+    T = tokens.shape[1]
+    pos = torch.arange(start, start + T)
+    if start + T > tm.desc.max_positions:
+        raise ValueError(f"sequence of {start + T} tokens exceeds the model's "
+                         f"{tm.desc.max_positions} positions; use fewer tokens")
+    x = tm.embed[tokens]
+    if tm.pos_embed is not None:
+        x = x + tm.pos_embed[pos + OPT_POSITION_OFFSET]
+    for layer, w in enumerate(tm.layers):
+        x = x + _attention(tm, layer, norm(tm, x, w["attn_norm"], w["attn_norm_b"]), pos, cache)
+        x = x + ffn(layer, norm(tm, x, w["ffn_norm"], w["ffn_norm_b"]))
+    if cache is not None:
+        cache.length += T
+    if last_only:
+        x = x[:, -1:]
+    return F.linear(norm(tm, x, tm.final_norm, tm.final_norm_b), tm.lm_head)

@@ -1,0 +1,157 @@
+"""Activation profiling: which FFN neurons fire, per layer, per token, on real text.
+
+Pass 1 runs the dense model on calibration text and keeps every score, from which each
+layer's threshold is read off for every sparsity of a grid. Each grid point's perplexity is
+measured on held-out text; by default the highest sparsity within `ppl_budget` of dense is
+chosen. Pass 2 runs the sparse model at the chosen thresholds (what the engine will run) and
+records the active masks, bit-packed, for calibration and held-out text separately, so that
+later stages fit on one and measure on the other.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .forward import TorchModel, ffn_output, forward
+from .sparsity import perplexity, scores, sparse_ffn, thresholds_for
+
+DEFAULT_GRID = (0.0, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
+FORMAT = "ripple-profile-1"
+
+
+class ProfileError(ValueError):
+    pass
+
+
+@dataclass
+class Profile:
+    criterion: str
+    grid: np.ndarray                 # (g,) sparsities tried
+    grid_thresholds: np.ndarray      # (g, L)
+    grid_ppl: np.ndarray             # (g,) held-out perplexity at each grid sparsity
+    sparsity: float                  # the one chosen
+    thresholds: np.ndarray           # (L,) at the chosen sparsity
+    masks_calib: np.ndarray          # (L, tokens, ceil(n/8)) uint8, np.packbits along neurons
+    masks_heldout: np.ndarray        # (L, tokens, ceil(n/8)) uint8
+    d_ffn: int
+    source_hash: str
+    meta: dict = field(default_factory=dict)
+
+    def masks(self, split: str) -> np.ndarray:
+        """(L, tokens, n) bool."""
+        packed = self.masks_calib if split == "calib" else self.masks_heldout
+        return np.unpackbits(packed, axis=-1, count=self.d_ffn).astype(bool)
+
+    def density(self, split: str = "heldout") -> np.ndarray:
+        """Active fraction per layer."""
+        return self.masks(split).mean(axis=(1, 2))
+
+
+def _record(tm: TorchModel, seqs: list[np.ndarray], criterion: str, thresholds: np.ndarray | None,
+            keep_scores: bool, desc: str) -> tuple[list, list]:
+    """Forward over seqs; per layer, the scores (fp16, if keep_scores) and active masks."""
+    L = tm.desc.n_layers
+    kept: list[list] = [[] for _ in range(L)]
+    masks: list[list] = [[] for _ in range(L)]
+
+    def ffn(layer: int, h: torch.Tensor) -> torch.Tensor:
+        coef, score = scores(tm, layer, h, criterion)
+        s = score.reshape(-1, score.shape[-1])
+        if keep_scores:
+            kept[layer].append(s.to(torch.float16).numpy())
+        if thresholds is None:
+            return ffn_output(tm, layer, coef)
+        active = score > float(thresholds[layer])
+        masks[layer].append(np.packbits(active.reshape(-1, active.shape[-1]).numpy(), axis=-1))
+        return ffn_output(tm, layer, coef * active)
+
+    for seq in tqdm(seqs, desc=desc, unit="seq"):
+        forward(tm, torch.from_numpy(seq)[None], ffn=ffn)
+    return kept, masks
+
+
+def run_profile(tm: TorchModel, calib: list[np.ndarray], heldout: list[np.ndarray],
+                criterion: str = "coef", sparsity: float | None = None, ppl_budget: float = 0.10,
+                grid: tuple = DEFAULT_GRID, meta: dict | None = None) -> Profile:
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise ProfileError(f"sparsity {sparsity} is outside [0, 1); pass e.g. --sparsity 0.6")
+    if ppl_budget < 0:
+        raise ProfileError(f"perplexity budget {ppl_budget} is negative; pass e.g. --ppl-budget 0.1")
+    grid = tuple(sorted(set(grid) | ({sparsity} if sparsity is not None else set())))
+    kept, _ = _record(tm, calib, criterion, None, True, "profile: calibration scores")
+    layer_scores = [np.concatenate(k) for k in kept]
+    del kept
+    grid_thr = np.array([[thresholds_for(ls, s) for ls in layer_scores] for s in grid])
+    del layer_scores
+    grid_ppl = np.array([perplexity(tm, heldout, sparse_ffn(tm, thr, criterion))
+                         for thr in tqdm(grid_thr, desc="profile: held-out perplexity per sparsity")])
+    dense_ppl = grid_ppl[0] if grid[0] == 0.0 else perplexity(tm, heldout)
+    if sparsity is None:
+        ok = [i for i, p in enumerate(grid_ppl) if p <= dense_ppl * (1 + ppl_budget)]
+        chosen = max(ok, key=lambda i: grid[i]) if ok else 0
+    else:
+        chosen = grid.index(sparsity)
+    thr = grid_thr[chosen]
+    _, m_cal = _record(tm, calib, criterion, thr, False, "profile: calibration masks")
+    _, m_held = _record(tm, heldout, criterion, thr, False, "profile: held-out masks")
+    info = dict(meta or {})
+    info.update(calib_tokens=int(sum(map(len, calib))), heldout_tokens=int(sum(map(len, heldout))),
+                ppl_dense=float(dense_ppl), ppl_budget=ppl_budget,
+                sparsity_rule="fixed" if sparsity is not None else f"highest within {ppl_budget:.0%} of dense")
+    return Profile(criterion, np.array(grid), grid_thr, grid_ppl, float(grid[chosen]), thr,
+                   np.stack([np.concatenate(m) for m in m_cal]),
+                   np.stack([np.concatenate(m) for m in m_held]),
+                   tm.desc.d_ffn, tm.desc.source_hash, info)
+
+
+def save_profile(p: Profile, path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    header = dict(format=FORMAT, criterion=p.criterion, sparsity=p.sparsity, d_ffn=p.d_ffn,
+                  source_hash=p.source_hash, meta=p.meta)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, header=np.array(json.dumps(header)), grid=p.grid,
+                                grid_thresholds=p.grid_thresholds, grid_ppl=p.grid_ppl,
+                                thresholds=p.thresholds, masks_calib=p.masks_calib,
+                                masks_heldout=p.masks_heldout)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_profile(path: str | os.PathLike) -> Profile:
+    path = Path(path)
+    if not path.is_file():
+        raise ProfileError(f"{path}: no such profile; run `ripple profile --out {path}` first")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            h = json.loads(str(z["header"]))
+            if h.get("format") != FORMAT:
+                raise ProfileError(f"{path}: not a ripple profile (format {h.get('format')!r})")
+            return Profile(h["criterion"], z["grid"], z["grid_thresholds"], z["grid_ppl"],
+                           float(h["sparsity"]), z["thresholds"], z["masks_calib"],
+                           z["masks_heldout"], int(h["d_ffn"]), h["source_hash"], h["meta"])
+    except ProfileError:
+        raise
+    except Exception as e:   # zip, npy and JSON errors all mean one thing to the user
+        raise ProfileError(f"{path}: unreadable profile ({type(e).__name__}: {e}); "
+                           "run `ripple profile` again") from e
+
+
+def thresholds_at(grid, grid_thresholds, sparsity: float) -> np.ndarray:
+    """Per-layer thresholds at one sparsity of a profiled grid."""
+    hits = np.flatnonzero(np.isclose(np.asarray(grid), sparsity))
+    if len(hits) == 0:
+        raise ProfileError(f"sparsity {sparsity} was not profiled; profiled: "
+                           f"{', '.join(f'{s:g}' for s in grid)}")
+    return np.asarray(grid_thresholds)[hits[0]]
+
