@@ -45,6 +45,11 @@ def _nonneg_float(text: str) -> float:
     return v
 
 
+def _bench_registrars() -> list:
+    """`register(bench_sub)` of each benchmark module; these modules import nothing heavy at top."""
+    return []
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="ripple", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="verb", required=True, parser_class=_Parser)
@@ -64,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the summary here")
+    p.set_defaults(run=_run_profile)
 
     p = sub.add_parser("pack", help="write the FFN weights as a flash file of neuron bundles")
     p.add_argument("--model", help=model_help)
@@ -71,10 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="profile from `ripple profile` (records sparsity and thresholds)")
     p.add_argument("--placement", help="placement file (.npz with perm[L, n]); default identity")
     p.add_argument("--dtype", choices=["fp16"], default="fp16")
+    p.set_defaults(run=_run_pack)
 
     p = sub.add_parser("inspect", help="validate and summarise a flash file")
     p.add_argument("path", help="layout folder or its model.rflash")
     p.add_argument("--verify", action="store_true", help="check every region's checksum")
+    p.set_defaults(run=_run_inspect)
 
     p = sub.add_parser("generate", help="generate text with every FFN weight read from flash")
     p.add_argument("--layout", required=True, help="folder written by `ripple pack`")
@@ -86,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     p.add_argument("--buffered", action="store_true", help="read through the page cache (not flash timing)")
     p.add_argument("--json", help="write text and per-token metrics here")
+    p.set_defaults(run=_run_generate)
+
+    # `ripple bench WHAT`: side-by-side benchmarks that write JSON and a PNG.
+    bench = sub.add_parser("bench", help="side-by-side benchmarks (JSON + PNG)")
+    bench_sub = bench.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    # Each benchmark module adds its parser: bench_sub.add_parser(NAME).set_defaults(run=...).
+    for register in _bench_registrars():
+        register(bench_sub)
     return ap
 
 
@@ -114,25 +130,37 @@ def _print_generation(r: dict) -> None:
           f"{s['bytes_needed_median'] / 1e6:.2f} MB needed, {s['reads_median']:.0f} reads")
 
 
+# Verb handlers import lazily so that `ripple --help` and flag errors are instant.
+def _run_profile(args) -> None:
+    from . import interface as api
+    s = api.profile_cmd(args.model, args.out, args.text, args.criterion, args.sparsity,
+                        args.ppl_budget, args.calib_tokens, args.heldout_tokens, args.seq_len, args.seed)
+    if args.json:
+        api.write_json(args.json, s)
+    _print_profile(s)
+
+
+def _run_pack(args) -> None:
+    from . import interface as api
+    print(json.dumps(api.pack_cmd(args.model, args.out, args.profile, args.placement, args.dtype), indent=1))
+
+
+def _run_inspect(args) -> None:
+    from . import interface as api
+    print(json.dumps(api.inspect_cmd(args.path, args.verify), indent=1))
+
+
+def _run_generate(args) -> None:
+    from . import interface as api
+    _print_generation(api.generate_cmd(args.layout, args.model, args.prompt, args.tokens, args.sparsity,
+                                       args.queue_depth, not args.no_chat, not args.buffered, args.json))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Imported here so that `ripple --help` and flag errors are instant.
-    from . import interface as api
     from .errors import USER_ERRORS
     try:
-        if args.verb == "profile":
-            s = api.profile_cmd(args.model, args.out, args.text, args.criterion, args.sparsity,
-                                args.ppl_budget, args.calib_tokens, args.heldout_tokens, args.seq_len, args.seed)
-            if args.json:
-                api.write_json(args.json, s)
-            _print_profile(s)
-        elif args.verb == "pack":
-            print(json.dumps(api.pack_cmd(args.model, args.out, args.profile, args.placement, args.dtype), indent=1))
-        elif args.verb == "inspect":
-            print(json.dumps(api.inspect_cmd(args.path, args.verify), indent=1))
-        elif args.verb == "generate":
-            _print_generation(api.generate_cmd(args.layout, args.model, args.prompt, args.tokens, args.sparsity,
-                                               args.queue_depth, not args.no_chat, not args.buffered, args.json))
+        args.run(args)
     except USER_ERRORS as e:
         sys.stderr.write(f"ripple: error: {e}\n")
         return 2
