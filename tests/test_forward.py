@@ -32,3 +32,14 @@ def test_cached_decoding_matches_one_full_pass(random_llama_dir):
     cache = new_cache(tm, 1, 12)
     steps = [forward(tm, tokens[:, :5], cache)] + [forward(tm, tokens[:, i:i + 1], cache) for i in range(5, 12)]
     np.testing.assert_allclose(torch.cat(steps, 1).numpy(), full.numpy(), atol=1e-4)
+
+
+def test_left_padded_rows_give_the_same_logits_as_unpadded_ones(random_llama_dir, random_opt_dir):
+    for path in (random_llama_dir, random_opt_dir):
+        tm = to_torch(load_model(path))
+        a, b = [5, 6, 7, 8, 9], [10, 11, 12]
+        batch = torch.tensor([a, [0, 0] + b])
+        padded = forward(tm, batch, pad=torch.tensor([0, 2]))
+        np.testing.assert_allclose(padded[0].numpy(), forward(tm, torch.tensor([a]))[0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(padded[1, 2:].numpy(), forward(tm, torch.tensor([b]))[0].numpy(), atol=1e-5)
+        assert torch.isfinite(padded).all()

@@ -57,29 +57,39 @@ def _chat(tokenizer, prompt: str) -> list[int]:
 
 
 def sample_sequences(tm: TorchModel, tokenizer, prompts: list[str], n_tokens: int,
-                     seq_len: int, seed: int, desc: str = "sampling") -> list[np.ndarray]:
-    """Sample until n_tokens tokens in sequences of up to seq_len (prompt included)."""
+                     seq_len: int, seed: int, desc: str = "sampling", batch: int = 8) -> list[np.ndarray]:
+    """Sample until n_tokens tokens in sequences of up to seq_len (prompt included).
+
+    Prompts are sampled `batch` at a time, left-padded: a decode step costs about the same
+    for 8 rows as for 1 on a small model, so this is several times faster than one by one."""
     gen = torch.Generator().manual_seed(seed)
     eos = set(tm.desc.eos_token_ids)
     out, total, i = [], 0, 0
     with tqdm(total=n_tokens, desc=desc, unit="tok") as bar:
         while total < n_tokens:
-            ids = _chat(tokenizer, prompts[i % len(prompts)])[: seq_len // 2]
-            i += 1
-            cache = new_cache(tm, 1, seq_len)
-            logits = forward(tm, torch.tensor([ids]), cache, last_only=True)
-            while len(ids) < seq_len:
-                probs = torch.softmax(logits[0, -1] / 0.8, -1)
+            rows = [_chat(tokenizer, prompts[(i + j) % len(prompts)])[: seq_len // 2] for j in range(batch)]
+            i += batch
+            width = max(map(len, rows))
+            pad = torch.tensor([width - len(r) for r in rows])
+            tokens = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+            cache = new_cache(tm, batch, width + seq_len)
+            logits = forward(tm, tokens, cache, last_only=True, pad=pad)
+            done = [False] * batch
+            while not all(done) and max(map(len, rows)) < seq_len:
+                probs = torch.softmax(logits[:, -1] / 0.8, -1)
                 top = torch.topk(probs, 50)
-                nxt = int(top.indices[torch.multinomial(top.values, 1, generator=gen)])
-                ids.append(nxt)
-                if nxt in eos:
+                pick = top.indices.gather(1, torch.multinomial(top.values, 1, generator=gen))[:, 0]
+                for j, t in enumerate(pick.tolist()):
+                    if not done[j]:
+                        rows[j].append(t)
+                        done[j] = t in eos or len(rows[j]) >= seq_len
+                logits = forward(tm, pick[:, None], cache, pad=pad)
+            for r in rows:
+                if total >= n_tokens:
                     break
-                logits = forward(tm, torch.tensor([[nxt]]), cache)
-            seq = np.array(ids, dtype=np.int64)
-            out.append(seq)
-            total += len(seq)
-            bar.update(len(seq))
+                out.append(np.array(r, dtype=np.int64))
+                total += len(r)
+                bar.update(len(r))
     return out
 
 

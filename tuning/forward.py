@@ -98,15 +98,15 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 def _attention(tm: TorchModel, layer: int, h: torch.Tensor, pos: torch.Tensor,
-               cache: KVCache | None) -> torch.Tensor:
+               mask: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
     d, w = tm.desc, tm.layers[layer]
     B, T, _ = h.shape
     q = F.linear(h, w["wq"], w["bq"]).view(B, T, d.n_heads, d.head_dim).transpose(1, 2)
     k = F.linear(h, w["wk"], w["bk"]).view(B, T, d.n_kv_heads, d.head_dim).transpose(1, 2)
     v = F.linear(h, w["wv"], w["bv"]).view(B, T, d.n_kv_heads, d.head_dim).transpose(1, 2)
     if tm.inv_freq is not None:
-        freqs = pos.float()[:, None] * tm.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
+        freqs = pos.float()[..., None] * tm.inv_freq                  # (B or 1, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]              # (B or 1, 1, T, hd)
         q, k = _rope(q, emb.cos(), emb.sin()), _rope(k, emb.cos(), emb.sin())
     start = 0
     if cache is not None:
@@ -117,28 +117,39 @@ def _attention(tm: TorchModel, layer: int, h: torch.Tensor, pos: torch.Tensor,
     if d.n_kv_heads != d.n_heads:
         rep = d.n_heads // d.n_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    q_pos = torch.arange(start, start + T)[:, None]
-    mask = torch.arange(start + T)[None, :] <= q_pos
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return F.linear(out.transpose(1, 2).reshape(B, T, -1), w["wo"], w["bo"])
 
 
 @torch.inference_mode()
 def forward(tm: TorchModel, tokens: torch.Tensor, cache: KVCache | None = None,
-            ffn: FFN | None = None, last_only: bool = False) -> torch.Tensor:
-    """Logits (B, T, vocab) for tokens (B, T); with a cache, tokens continue from cache.length."""
+            ffn: FFN | None = None, last_only: bool = False,
+            pad: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (B, T, vocab) for tokens (B, T); with a cache, tokens continue from cache.length.
+
+    pad (B,): row b is left-padded with pad[b] tokens, which no token attends to and which
+    do not count as positions; it lets prompts of different lengths share one batch."""
     ffn = ffn or dense_ffn(tm)
     start = cache.length if cache is not None else 0
     T = tokens.shape[1]
-    pos = torch.arange(start, start + T)
     if start + T > tm.desc.max_positions:
         raise ValueError(f"sequence of {start + T} tokens exceeds the model's "
                          f"{tm.desc.max_positions} positions; use fewer tokens")
+    q_idx = torch.arange(start, start + T)
+    k_idx = torch.arange(start + T)
+    mask = (k_idx[None, :] <= q_idx[:, None])[None, None]              # (1, 1, T, S)
+    pos = q_idx[None]                                                  # (1, T)
+    if pad is not None:
+        pos = (pos - pad[:, None]).clamp(min=0)                        # (B, T)
+        # A pad token attends to itself only: a row with no key at all would be NaN in SDPA,
+        # and NaN values leak through zero attention weights (0 * NaN).
+        mask = mask & ((k_idx[None, None, None, :] >= pad[:, None, None, None])
+                       | (k_idx[None, :] == q_idx[:, None])[None, None])
     x = tm.embed[tokens]
     if tm.pos_embed is not None:
         x = x + tm.pos_embed[pos + OPT_POSITION_OFFSET]
     for layer, w in enumerate(tm.layers):
-        x = x + _attention(tm, layer, norm(tm, x, w["attn_norm"], w["attn_norm_b"]), pos, cache)
+        x = x + _attention(tm, layer, norm(tm, x, w["attn_norm"], w["attn_norm_b"]), pos, mask, cache)
         x = x + ffn(layer, norm(tm, x, w["ffn_norm"], w["ffn_norm_b"]))
     if cache is not None:
         cache.length += T
