@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 DEMO    := build/demo
 
-.PHONY: demo test clean
+.PHONY: demo test clean relu-model sysdeps
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -21,8 +21,24 @@ demo: $(STAMP)
 	.venv/bin/ripple pack --profile $(DEMO)/profile.npz --out $(DEMO)/layout
 	.venv/bin/ripple generate --layout $(DEMO)/layout --tokens 32 --json $(DEMO)/generate.json
 
-test: $(STAMP)
+# System tools: gcc and the aarch64 cross compiler (android-arm64 kernels; the native flash
+# reader, compile/native, for both), file and readelf (tests
+# of the .so), fio (the storage probe is checked against it). apt runs only when a tool is
+# missing, so repeated runs are fast.
+SYSDEPS_PKGS  := gcc gcc-aarch64-linux-gnu file binutils fio
+SYSDEPS_TOOLS := gcc aarch64-linux-gnu-gcc file readelf fio
+sysdeps:
+	@missing=""; for t in $(SYSDEPS_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then echo "sysdeps: missing$$missing"; \
+		apt-get update && apt-get install -y --no-install-recommends $(SYSDEPS_PKGS); fi
+
+test: $(STAMP) sysdeps
 	$(PY) -m pytest -q tests
+
+# relu-tiny: a small ReLU OPT model trained here (~25 min on 2 cores), cached outside git in
+# ${RIPPLE_CACHE:-~/.cache/ripple-flash}/relu-tiny; a second run reuses it.
+relu-model: $(STAMP)
+	$(PY) bench/relu_model.py
 
 clean:
 	rm -rf build .venv

@@ -25,6 +25,16 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _fraction_or_one(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{v} is outside (0, 1]")
+    return v
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -47,7 +57,8 @@ def _nonneg_float(text: str) -> float:
 
 def _bench_registrars() -> list:
     """`register(bench_sub)` of each benchmark module; these modules import nothing heavy at top."""
-    return []
+    from . import bench_io, bench_kernels, bench_placement, bench_predictor
+    return [bench_io.register, bench_predictor.register, bench_kernels.register, bench_placement.register]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,16 +79,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-tokens", type=_positive, default=512)
     p.add_argument("--seq-len", type=_positive, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--record-inputs", action="store_true",
+                   help="also store each layer's FFN input (fp16), which `ripple train-predictor` needs")
     p.add_argument("--json", help="also write the summary here")
     p.set_defaults(run=_run_profile)
+
+    p = sub.add_parser("train-predictor", help="train activation predictors (h -> active neurons) from a profile")
+    p.add_argument("--profile", required=True, help="profile with FFN inputs (`ripple profile --record-inputs`)")
+    p.add_argument("--out", required=True, help="layout folder (writes DIR/predictor.npz) or a .npz file")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--sparsity", type=_fraction, help="a profiled sparsity (default: the profile's)")
+    p.add_argument("--rank", type=_positive, default=48, help="hidden rank (default 48: 3.8%% of SmolLM2's FFN FLOPs)")
+    p.add_argument("--recall", type=_fraction_or_one, default=0.999,
+                   help="share of truly active neurons to predict, per layer (default 0.999)")
+    p.add_argument("--epochs", type=_positive, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the summary here")
+    p.set_defaults(run=_run_train_predictor)
 
     p = sub.add_parser("pack", help="write the FFN weights as a flash file of neuron bundles")
     p.add_argument("--model", help=model_help)
     p.add_argument("--out", required=True, help="output folder (model.rflash + manifest.json)")
     p.add_argument("--profile", help="profile from `ripple profile` (records sparsity and thresholds)")
     p.add_argument("--placement", help="placement file (.npz with perm[L, n]); default identity")
-    p.add_argument("--dtype", choices=["fp16"], default="fp16")
+    p.add_argument("--dtype", choices=["fp16", "int8"], default="fp16",
+                   help="bundle encoding: fp16, or int8 with a float32 scale per part of each bundle")
     p.set_defaults(run=_run_pack)
+
+    p = sub.add_parser("place", help="order each layer's neurons so that co-firing ones sit together")
+    p.add_argument("--profile", required=True, help="profile from `ripple profile` (fits on its calibration masks)")
+    p.add_argument("--strategy", choices=["identity", "frequency", "ripple", "ours"], default="ours",
+                   help="ripple: the paper's greedy Hamiltonian path on 1-P(i,j); ours (default): "
+                        "fewest reads per token (mismatch distance, then 2-opt/Or-opt)")
+    p.add_argument("--out", required=True, help="placement file to write (.npz, for `ripple pack --placement`)")
+    p.add_argument("--k", type=_positive, default=32, help="candidate neighbours per neuron (default 32)")
+    p.set_defaults(run=_run_place)
 
     p = sub.add_parser("inspect", help="validate and summarise a flash file")
     p.add_argument("path", help="layout folder or its model.rflash")
@@ -93,8 +129,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-depth", type=_positive, default=32)
     p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     p.add_argument("--buffered", action="store_true", help="read through the page cache (not flash timing)")
+    p.add_argument("--backend", choices=["torch", "tvm"], default="torch",
+                   help="FFN compute: torch matmuls, or the compiled TVM graph with the flash-read hook")
+    p.add_argument("--sets", choices=["oracle", "predicted"],
+                   help="active sets: predicted (default when the layout has predictor.npz) or oracle "
+                        "(true sets computed beside the engine, for measurement)")
+    p.add_argument("--predictor", help="predictor file (default: the layout's predictor.npz)")
     p.add_argument("--json", help="write text and per-token metrics here")
     p.set_defaults(run=_run_generate)
+
+    p = sub.add_parser("probe", help="measure a device (storage latency table) into a device profile")
+    probe_sub = p.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    p = probe_sub.add_parser("storage", help="read latency by request size and queue depth, O_DIRECT, checked against fio")
+    p.add_argument("--path", default=".", help="folder on the disk to probe (a test file is kept there)")
+    p.add_argument("--out", help="device profile to write (e.g. devices/NAME.json)")
+    p.add_argument("--name", default="this-machine", help="device name recorded in the profile")
+    p.add_argument("--quick", action="store_true", help="few cells, small file (seconds; for tests)")
+    p.add_argument("--engine", choices=["auto", "aio", "threads"], default="auto", help="reader engine")
+    p.add_argument("--no-fio", action="store_true", help="skip the comparison with fio")
+    from .rpc import add_remote_args
+    add_remote_args(p, "the probe (the device's native reader; --path: where --compare-local probes here)")
+    p.set_defaults(run=_run_probe_storage)
+
+    p = sub.add_parser("devices", help="list device profiles, and the devices an RPC tracker has")
+    p.add_argument("--tracker", metavar="HOST:PORT", help="also list this tracker's device keys")
+    p.add_argument("--json", help="also write the listing here")
+    p.set_defaults(run=_run_devices)
+
+    p = sub.add_parser("tune", help="tune compiled parts for a target")
+    tune_sub = p.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    p = tune_sub.add_parser("kernels", help="search the sparse FFN kernels' schedule (XGBoost cost model)")
+    p.add_argument("--target", default="host", help="named target (default host)")
+    p.add_argument("--trials", type=_positive, default=32, help="measured settings per workload")
+    p.add_argument("--db", help="tuning database (default build/tuning/kernels-TARGET.json)")
+    p.add_argument("--layout", help="tune for this layout's shape (default: the model's)")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--dtype", nargs="+", choices=["fp16", "int8"], default=["fp16", "int8"])
+    p.add_argument("--json", help="also write the summary here")
+    p.set_defaults(run=_run_tune_kernels)
+
+    p = sub.add_parser("export", help="write what an app ships: kernels .so, flash file, manifest, README")
+    p.add_argument("--target", required=True, help="named target, e.g. android-arm64 or host")
+    p.add_argument("--layout", required=True, help="folder written by `ripple pack`")
+    p.add_argument("--out", required=True, help="new folder to write")
+    p.add_argument("--db", help="tuning database (default build/tuning/kernels-TARGET.json)")
+    p.set_defaults(run=_run_export)
 
     # `ripple bench WHAT`: side-by-side benchmarks that write JSON and a PNG.
     bench = sub.add_parser("bench", help="side-by-side benchmarks (JSON + PNG)")
@@ -128,21 +207,43 @@ def _print_generation(r: dict) -> None:
     print(f"median per token: {s['token_ms_median']:.1f} ms ({s['io_ms_median']:.1f} ms I/O, "
           f"{s['compute_ms_median']:.1f} ms compute); {s['bytes_read_median'] / 1e6:.2f} MB read, "
           f"{s['bytes_needed_median'] / 1e6:.2f} MB needed, {s['reads_median']:.0f} reads")
+    if io["sets"] == "predicted":
+        print(f"vs the oracle set (computed beside, for measurement): {s['missed_per_token_mean']:.0f} "
+              f"neurons missed and {s['extra_bytes_per_token_mean'] / 1e6:.2f} MB read extra per token")
 
 
 # Verb handlers import lazily so that `ripple --help` and flag errors are instant.
 def _run_profile(args) -> None:
     from . import interface as api
     s = api.profile_cmd(args.model, args.out, args.text, args.criterion, args.sparsity,
-                        args.ppl_budget, args.calib_tokens, args.heldout_tokens, args.seq_len, args.seed)
+                        args.ppl_budget, args.calib_tokens, args.heldout_tokens, args.seq_len, args.seed,
+                        record_inputs=args.record_inputs)
     if args.json:
         api.write_json(args.json, s)
     _print_profile(s)
 
 
+def _run_train_predictor(args) -> None:
+    from . import interface as api
+    s = api.train_predictor_cmd(args.profile, args.out, args.model, args.sparsity, args.rank,
+                                args.recall, args.epochs, args.seed)
+    if args.json:
+        api.write_json(args.json, s)
+    print(f"wrote {s['predictor']}: sparsity {s['sparsity']}, rank {s['rank']}, "
+          f"{s['dram_bytes'] / 1e6:.1f} MB, {s['flops_frac_of_dense_ffn']:.1%} of the dense FFN's FLOPs")
+    print(f"held-back calibration tokens: recall {min(s['val_recall_per_layer']):.3f}.."
+          f"{max(s['val_recall_per_layer']):.3f}, precision {min(s['val_precision_per_layer']):.3f}.."
+          f"{max(s['val_precision_per_layer']):.3f} over layers")
+
+
 def _run_pack(args) -> None:
     from . import interface as api
     print(json.dumps(api.pack_cmd(args.model, args.out, args.profile, args.placement, args.dtype), indent=1))
+
+
+def _run_place(args) -> None:
+    from ..tuning.placement import place_cmd
+    print(json.dumps(place_cmd(args.profile, args.strategy, args.out, args.k), indent=1))
 
 
 def _run_inspect(args) -> None:
@@ -153,7 +254,47 @@ def _run_inspect(args) -> None:
 def _run_generate(args) -> None:
     from . import interface as api
     _print_generation(api.generate_cmd(args.layout, args.model, args.prompt, args.tokens, args.sparsity,
-                                       args.queue_depth, not args.no_chat, not args.buffered, args.json))
+                                       args.queue_depth, not args.no_chat, not args.buffered, args.json,
+                                       args.backend, args.sets, args.predictor))
+
+
+def _run_devices(args) -> None:
+    from .rpc import devices_cmd, print_devices
+    d = devices_cmd(args.tracker)
+    if args.json:
+        from .interface import write_json
+        write_json(args.json, d)
+    print_devices(d)
+
+
+def _run_probe_storage(args) -> None:
+    from .probe import print_probe, probe_cmd
+    from .rpc import remote_endpoint
+    if remote_endpoint(args):
+        from .remote_probe import probe_remote_cmd
+        name = args.device_name or (args.name if args.name != "this-machine" else None)
+        from .remote_probe import print_remote_probe
+        return print_remote_probe(probe_remote_cmd(
+            remote_endpoint(args), args.target, args.out, name, args.quick, args.rpc_timeout,
+            compare_local=args.path if args.compare_local else None))
+    print_probe(probe_cmd(args.path, args.out, args.name, args.quick, args.engine, not args.no_fio))
+
+
+def _run_tune_kernels(args) -> None:
+    from ..tuning.kernels import tune_kernels_cmd
+    s = tune_kernels_cmd(args.target, args.trials, args.db, args.layout, args.model, tuple(args.dtype))
+    if args.json:
+        from .interface import write_json
+        write_json(args.json, s)
+    for w in s["workloads"]:
+        print(f"{w['key']}: {w['default_us']:.1f} us -> {w['us']:.1f} us ({w['speedup']:.2f}x) "
+              f"in {w['trials']} trials, {w['tune_seconds']:.0f} s; knobs {w['knobs']}")
+    print(f"database: {s['db']}")
+
+
+def _run_export(args) -> None:
+    from .export import export_cmd
+    print(json.dumps(export_cmd(args.target, args.layout, args.out, args.db), indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from ..tuning.calibration import (CALIBRATION_PROMPTS, HELDOUT_PROMPTS, file_seq
                                   sample_sequences, split_heldout)
 from ..tuning.checkpoint import default_model_path, load_model, load_tokenizer
 from ..tuning.forward import to_torch
+from ..tuning.relu_tiny import SPLIT_TEXT_NOTE, split_sequences
 from ..tuning.profile import Profile, ProfileError, load_profile, run_profile, save_profile, thresholds_at
 
 
@@ -48,20 +49,25 @@ def profile_summary(p: Profile) -> dict:
 
 def profile_cmd(model: str | None, out: str, text: list[str] | None = None, criterion: str = "coef",
                 sparsity: float | None = None, ppl_budget: float = 0.10, calib_tokens: int = 1024,
-                heldout_tokens: int = 512, seq_len: int = 128, seed: int = 0) -> dict:
+                heldout_tokens: int = 512, seq_len: int = 128, seed: int = 0,
+                record_inputs: bool = False) -> dict:
     path = model or default_model_path()
     desc = load_model(path)
     tok = load_tokenizer(path)
     tm = to_torch(desc)
+    own = None if text else split_sequences(path, calib_tokens, heldout_tokens, seq_len)
     if text:
         seqs = file_sequences(tok, text, seq_len)
         calib, held = split_heldout(seqs, heldout_tokens / (calib_tokens + heldout_tokens))
         source = f"files: {', '.join(text)} (last sequences held out)"
+    elif own is not None:          # a folder that records text it was not trained on (relu-tiny)
+        (calib, held), source = own, SPLIT_TEXT_NOTE
     else:
         calib = sample_sequences(tm, tok, CALIBRATION_PROMPTS, calib_tokens, seq_len, seed, "calibration text")
         held = sample_sequences(tm, tok, HELDOUT_PROMPTS, heldout_tokens, seq_len, seed + 1, "held-out text")
         source = "self-sampled (temperature 0.8, top-50); disjoint prompt lists and seeds"
-    p = run_profile(tm, calib, held, criterion, sparsity, ppl_budget, meta={"text": source, "model": str(path)})
+    p = run_profile(tm, calib, held, criterion, sparsity, ppl_budget, meta={"text": source, "model": str(path)},
+                    record_inputs=record_inputs)
     save_profile(p, out)
     return profile_summary(p)
 
@@ -115,7 +121,10 @@ def inspect_cmd(path: str, verify: bool = False) -> dict:
 
 def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What is flash memory?",
                  tokens: int = 16, sparsity: float | None = None, queue_depth: int = 32,
-                 chat: bool = True, o_direct: bool = True, json_out: str | None = None) -> dict:
+                 chat: bool = True, o_direct: bool = True, json_out: str | None = None,
+                 backend: str = "torch", sets: str | None = None, predictor: str | None = None) -> dict:
+    """sets: "predicted" (default when the layout folder holds predictor.npz, or --predictor is
+    given) or "oracle" (true sets computed beside the engine; measurement only)."""
     if tokens < 1:
         raise ValueError(f"--tokens {tokens}: must be at least 1")
     path = model or default_model_path()
@@ -132,6 +141,7 @@ def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What 
             raise ValueError(f"{layout_dir}: packed without a profile, so only --sparsity 0 works; "
                              "pack with --profile")
         thresholds = thresholds_at(meta["grid"], meta["grid_thresholds"], sparsity)
+    label, policy = set_policy(layout, desc, sparsity, sets, predictor)
     tok = load_tokenizer(path)
     tm = to_torch(desc)
     if chat and getattr(tok, "chat_template", None):
@@ -140,10 +150,62 @@ def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What 
     else:
         ids = list(tok(prompt)["input_ids"])
     with FlashReader(layout.path, queue_depth, o_direct) as reader:
-        gen = generate(tm, layout, reader, thresholds, meta.get("criterion", "coef"), ids, tokens, tok)
-        rep = report(gen, reader, desc.n_layers * desc.d_ffn)
+        gen = generate(tm, layout, reader, thresholds, meta.get("criterion", "coef"), ids, tokens, tok,
+                       backend, policy)
+        rep = report(gen, reader, desc.n_layers * desc.d_ffn, label)
     out = {"model": str(path), "layout": str(layout.path), "sparsity": sparsity, "prompt": prompt,
            "text": gen.text, "tokens": gen.tokens, **rep}
     if json_out:
         write_json(json_out, out)
     return out
+
+
+def train_predictor_cmd(profile: str, out: str, model: str | None = None, sparsity: float | None = None,
+                        rank: int = 48, recall: float = 0.999, epochs: int = 20, seed: int = 0) -> dict:
+    """Train per-layer activation predictors from a profile with recorded FFN inputs; `out` is
+    a layout folder (written as DIR/predictor.npz, refused if packed from another checkpoint)
+    or a .npz file."""
+    from ..tuning.predictor import TrainConfig, cost, predictor_path, save_predictor, train_from_profile
+    path = model or default_model_path()
+    desc = load_model(path)
+    p = load_profile(profile)
+    p.inputs("calib")
+    if p.source_hash != desc.source_hash:
+        raise ProfileError(f"{profile}: profiled on another checkpoint than {path}; "
+                           "profile this model first")
+    if Path(out).is_dir():
+        check_source(open_layout(out), desc.source_hash)
+    cfg = TrainConfig(rank=rank, recall=recall, epochs=epochs, seed=seed)
+    pred = train_from_profile(p, to_torch(desc), cfg, sparsity)
+    dest = save_predictor(pred, out)
+    c = cost(pred)
+    layers = pred.meta["layers"]
+    return {"predictor": str(dest), "sparsity": pred.sparsity, "rank": pred.rank, "recall_target": recall,
+            "train_tokens": pred.meta["train_tokens"], "val_tokens": pred.meta["val_tokens"],
+            "dram_bytes": c.dram_bytes, "flops_per_token_per_layer": c.flops_per_token,
+            "flops_frac_of_dense_ffn": c.flops_frac,
+            "val_recall_per_layer": [round(x["val_recall"], 4) for x in layers],
+            "val_precision_per_layer": [round(x["val_precision"], 4) for x in layers]}
+
+
+def set_policy(layout, desc, sparsity: float, sets: str | None, predictor: str | None):
+    """(label, policy): ("oracle", None), or ("predicted", the low-rank predictor's set policy),
+    the predictor checked against the model and the sparsity it was trained for."""
+    from ..tuning.predictor import (PREDICTOR_FILE, PredictorError, check_predictor, load_predictor,
+                                    lowrank_sets, to_torch as predictor_to_torch)
+    if sets is None:
+        sets = "predicted" if predictor or (layout.path.parent / PREDICTOR_FILE).is_file() else "oracle"
+    if sets == "oracle":
+        return "oracle", None
+    where = predictor or layout.path.parent / PREDICTOR_FILE
+    pred = load_predictor(where)
+    check_predictor(pred, desc.source_hash, desc.n_layers, desc.d_model, desc.d_ffn, str(where))
+    if not np.isclose(pred.sparsity, sparsity):
+        raise PredictorError(f"{where} was trained for sparsity {pred.sparsity:g}, not {sparsity:g}; pass "
+                             f"--sparsity {pred.sparsity:g} or --sets oracle, or train one with "
+                             f"`ripple train-predictor --sparsity {sparsity:g}`")
+    criterion = layout.manifest.meta.get("criterion", "coef")
+    if pred.criterion != criterion:
+        raise PredictorError(f"{where} predicts {pred.criterion!r} sets, the layout was packed for "
+                             f"{criterion!r}; train it from a {criterion!r} profile")
+    return "predicted", lowrank_sets(predictor_to_torch(pred))

@@ -3,6 +3,10 @@
 SwiGLU (Llama family): gate row | up row | down column.  ReLU (OPT): up row | down column,
 then the up bias when the model has one. Bundles are encoded in the dtype the kernels
 compute from, so a gathered buffer of k bundles is the kernel's input as is (no repacking).
+
+int8 bundles: the parts as int8 (symmetric, scale = max|part| / 127), then float32 side data:
+one scale per part, then the up bias. A gathered buffer of k int8 bundles is a (k, bundle_bytes)
+int8 array; kernels read the values in place and the side data from its last bytes.
 """
 from __future__ import annotations
 
@@ -12,12 +16,17 @@ import numpy as np
 
 ACTIVATIONS = ("swiglu", "relu")
 
-# Bytes of one stored value, per encoding. int8 and q4 (with per-bundle scales) will add
-# entries here and in _ENCODE / _DECODE; everything else sizes itself from bundle_bytes.
-_VALUE_BYTES = {"fp16": 2}
+# Bytes of one stored value, per encoding. q4 (with per-bundle scales) will add entries here
+# and in _ENCODE / _DECODE; everything else sizes itself from bundle_bytes.
+_VALUE_BYTES = {"fp16": 2, "int8": 1}
 
 # Explicit little-endian: the file is read as is by kernels on ARM and x86 alike.
 _FP16 = np.dtype("<f2")
+_F32 = np.dtype("<f4")
+# One scale per part rather than one per bundle: on SmolLM2-135M a part's max|w| differs from
+# its neighbours' by up to 2x, and per-part scales cut the relative rounding error from ~1.1%
+# to ~0.85% (gate, up) for 8 more bytes per bundle (0.5%).
+_INT8_MAX = 127
 
 
 @dataclass(frozen=True)
@@ -51,7 +60,14 @@ class BundleSpec:
         return len(self.parts) * self.d_model + int(self.has_up_bias)
 
     @property
+    def side_floats(self) -> int:
+        """float32 side data after the values: int8 keeps a scale per part and the bias there."""
+        return len(self.parts) + int(self.has_up_bias) if self.dtype == "int8" else 0
+
+    @property
     def bundle_bytes(self) -> int:
+        if self.side_floats:
+            return len(self.parts) * self.d_model * _VALUE_BYTES[self.dtype] + 4 * self.side_floats
         return self.elems * _VALUE_BYTES[self.dtype]
 
 
@@ -130,5 +146,45 @@ def _decode_fp16(spec: BundleSpec, raw: np.ndarray) -> Bundles:
     return Bundles(up=got["up"], down_t=got["down"], gate=got.get("gate"), up_bias=bias)
 
 
-_ENCODE = {"fp16": _encode_fp16}
-_DECODE = {"fp16": _decode_fp16}
+def _encode_int8(spec: BundleSpec, parts: dict, up_bias) -> np.ndarray:
+    d, names = spec.d_model, spec.parts
+    n = parts["up"].shape[0]
+    values = np.empty((n, len(names) * d), dtype=np.int8)
+    side = np.empty((n, spec.side_floats), dtype=_F32)
+    bad = []
+    for i, name in enumerate(names):
+        w = np.asarray(parts[name], dtype=np.float64)
+        if not np.isfinite(w).all():
+            bad.append(name)
+            continue
+        amax = np.abs(w).max(axis=1)
+        scale = np.where(amax > 0, amax / _INT8_MAX, 1.0)
+        values[:, i * d:(i + 1) * d] = np.clip(np.rint(w / scale[:, None]), -_INT8_MAX, _INT8_MAX)
+        side[:, i] = scale
+    if spec.has_up_bias:
+        with np.errstate(over="ignore", invalid="ignore"):
+            side[:, -1] = up_bias
+        if not np.isfinite(side[:, -1]).all():
+            bad.append("up_bias")
+    if bad:
+        raise ValueError(f"{', '.join(bad)} hold NaN or inf (up_bias: or values beyond float32); "
+                         f"int8 bundles cannot store them")
+    out = np.empty((n, spec.bundle_bytes), dtype=np.uint8)
+    out[:, :values.shape[1]] = values.view(np.uint8)
+    out[:, values.shape[1]:] = side.view(np.uint8)
+    return out
+
+
+def _decode_int8(spec: BundleSpec, raw: np.ndarray) -> Bundles:
+    d, names = spec.d_model, spec.parts
+    nv = len(names) * d
+    vals = raw[:, :nv].view(np.int8)
+    side = np.ascontiguousarray(raw[:, nv:]).view(_F32)      # (k, side_floats)
+    got = {name: vals[:, i * d:(i + 1) * d].astype(np.float32) * side[:, i:i + 1]
+           for i, name in enumerate(names)}
+    bias = side[:, -1].astype(np.float32) if spec.has_up_bias else None
+    return Bundles(up=got["up"], down_t=got["down"], gate=got.get("gate"), up_bias=bias)
+
+
+_ENCODE = {"fp16": _encode_fp16, "int8": _encode_int8}
+_DECODE = {"fp16": _decode_fp16, "int8": _decode_int8}

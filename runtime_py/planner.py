@@ -1,16 +1,29 @@
-"""I/O planner: active slots of one layer's region -> read extents (pure function).
+"""I/O planner: active slots of one layer's region -> read extents (pure functions).
 
 A run is a maximal range of consecutive active slots; each run becomes one byte range,
 widened to the device block so it can be read with O_DIRECT. Ranges that then share or
 touch a block are merged, because reading one block twice is never cheaper than once.
-`max_gap_bytes` merges runs whose gap is at most that many bytes (access collapse); the
-foundation uses 0 (one read per run).
+`max_gap_bytes` merges runs whose gap is at most that many bytes (access collapse), and
+`max_request_bytes` cuts long extents into requests that keep the device queue busy.
+
+Policies over that one mechanism (all take the device's storage profile, none a constant):
+- `plan_region`:    the whole region (dense: every bundle of the layer);
+- `plan_bundles`:   one request per active bundle (LLM in a Flash's bundle reads);
+- `plan_collapse`:  access collapse (Ripple): merge across a gap when reading it costs no
+                    more than one more request at the queue depth the plan will run at
+                    (storage_model.gap_threshold_bytes). The queue depth is that of the plan
+                    itself, found by iterating; on a bandwidth-bound device (deep queues
+                    hide the per-request cost) the threshold, and so the merging, shrinks;
+- `plan_cheapest`:  ours: the cheapest, by the storage model, of collapse at a ladder of
+                    thresholds (0 ... whole region) and request sizes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from . import storage_model as sm
 
 
 @dataclass
@@ -19,6 +32,7 @@ class Plan:
     run_starts: np.ndarray    # (r,) first slot of each run of active slots
     run_lens: np.ndarray      # (r,) slots in each run
     run_extent: np.ndarray    # (r,) index of the extent that holds each run
+    gap_bytes: int = 0        # collapse threshold the plan was made with
 
     @property
     def bytes_read(self) -> int:
@@ -36,13 +50,23 @@ def runs(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plan_reads(slots: np.ndarray, region_offset: int, bundle_bytes: int, align: int = 4096,
-               max_gap_bytes: int = 0) -> Plan:
+               max_gap_bytes: int = 0, max_request_bytes: int = 0) -> Plan:
+    runs_ = aligned_runs(slots, region_offset, bundle_bytes, align)
+    return merge_runs(runs_, region_offset, bundle_bytes, align, max_gap_bytes, max_request_bytes)
+
+
+def aligned_runs(slots: np.ndarray, region_offset: int, bundle_bytes: int, align: int = 4096):
+    """(starts, lens, a_lo, a_hi): each run of slots and its byte range widened to blocks."""
     slots = np.unique(np.asarray(slots, dtype=np.int64))
     starts, lens = runs(slots)
     lo = region_offset + starts * bundle_bytes
     hi = lo + lens * bundle_bytes
-    a_lo = lo // align * align
-    a_hi = -(-hi // align) * align
+    return starts, lens, lo // align * align, -(-hi // align) * align
+
+
+def merge_runs(aligned, region_offset: int, bundle_bytes: int, align: int, max_gap_bytes: int,
+               max_request_bytes: int = 0) -> Plan:
+    starts, lens, a_lo, a_hi = aligned
     # A new extent starts where the gap to the previous run's end exceeds max_gap_bytes.
     new = np.ones(len(starts), dtype=bool)
     if len(starts) > 1:
@@ -52,4 +76,90 @@ def plan_reads(slots: np.ndarray, region_offset: int, bundle_bytes: int, align: 
     last = np.concatenate((first[1:] - 1, [len(starts) - 1])) if len(first) else first
     extents = np.stack((a_lo[first], a_hi[last] - a_lo[first]), axis=1).astype(np.int64) \
         if len(first) else np.zeros((0, 2), np.int64)
-    return Plan(extents, starts, lens, run_extent.astype(np.int64))
+    plan = Plan(extents, starts, lens, run_extent.astype(np.int64), int(max_gap_bytes))
+    return split_requests(plan, region_offset, bundle_bytes, max_request_bytes, align) \
+        if max_request_bytes else plan
+
+
+def split_requests(plan: Plan, region_offset: int, bundle_bytes: int, max_request_bytes: int,
+                   align: int = 4096) -> Plan:
+    """Cut extents longer than max_request_bytes into aligned pieces of at most that size.
+    Pieces of one extent lie back to back in the file and in the read buffer, so a run
+    keeps pointing at the piece where it starts."""
+    step = max(align, max_request_bytes // align * align)
+    ext = plan.extents
+    if len(ext) == 0 or (ext[:, 1] <= step).all():
+        return plan
+    pieces = -(-ext[:, 1] // step)
+    first = np.concatenate(([0], np.cumsum(pieces)[:-1]))
+    idx = np.repeat(np.arange(len(ext)), pieces)
+    k = np.arange(len(idx)) - first[idx]
+    off = ext[idx, 0] + k * step
+    length = np.minimum(step, ext[idx, 0] + ext[idx, 1] - off)
+    run_pos = region_offset + plan.run_starts * bundle_bytes
+    run_extent = first[plan.run_extent] + (run_pos - ext[plan.run_extent, 0]) // step
+    return Plan(np.stack((off, length), axis=1).astype(np.int64), plan.run_starts, plan.run_lens,
+                run_extent.astype(np.int64), plan.gap_bytes)
+
+
+def plan_region(n_slots: int, region_offset: int, bundle_bytes: int, storage: sm.StorageProfile,
+                queue_depth: int, align: int = 4096) -> Plan:
+    """Every bundle of the layer, in requests of the profile's best size."""
+    return plan_reads(np.arange(n_slots), region_offset, bundle_bytes, align,
+                      max_request_bytes=sm.split_bytes(storage, queue_depth))
+
+
+def plan_bundles(slots: np.ndarray, region_offset: int, bundle_bytes: int, align: int = 4096) -> Plan:
+    """One request per active bundle, widened to the block; a block shared by two bundles
+    is read twice (each bundle is fetched on its own)."""
+    slots = np.unique(np.asarray(slots, dtype=np.int64))
+    lo = region_offset + slots * bundle_bytes
+    a_lo = lo // align * align
+    a_hi = -(-(lo + bundle_bytes) // align) * align
+    ones = np.ones(len(slots), np.int64)
+    return Plan(np.stack((a_lo, a_hi - a_lo), axis=1).astype(np.int64).reshape(-1, 2), slots, ones,
+                np.arange(len(slots), dtype=np.int64))
+
+
+def collapse_gap_bytes(storage: sm.StorageProfile, queue_depth: int, n_requests: int) -> int:
+    """The collapse threshold for a plan of n_requests issued at queue_depth."""
+    return sm.gap_threshold_bytes(storage, max(1, min(int(queue_depth), int(n_requests))))
+
+
+def plan_collapse(slots: np.ndarray, region_offset: int, bundle_bytes: int, storage: sm.StorageProfile,
+                  queue_depth: int, align: int = 4096) -> Plan:
+    """Access collapse with the threshold the profile gives at the plan's own queue depth."""
+    runs_ = aligned_runs(slots, region_offset, bundle_bytes, align)
+    plan = merge_runs(runs_, region_offset, bundle_bytes, align, 0)
+    split = sm.split_bytes(storage, queue_depth)
+    seen: set[int] = set()
+    for _ in range(8):   # merging lowers the request count, which changes the threshold
+        gap = collapse_gap_bytes(storage, queue_depth, max(len(plan.extents), 1))
+        if gap in seen:
+            break
+        seen.add(gap)
+        plan = merge_runs(runs_, region_offset, bundle_bytes, align, gap, split)
+    return plan
+
+
+def plan_cheapest(slots: np.ndarray, region_offset: int, bundle_bytes: int, storage: sm.StorageProfile,
+                  queue_depth: int, align: int = 4096) -> Plan:
+    """The plan the storage model says is fastest among collapse at gap thresholds
+    0, 4 KiB, 8 KiB, ... up to the whole region, each with requests cut at the profile's
+    best size and at twice and half of it."""
+    runs_ = aligned_runs(slots, region_offset, bundle_bytes, align)
+    if len(runs_[0]) == 0:
+        return merge_runs(runs_, region_offset, bundle_bytes, align, 0)
+    span = int(runs_[3][-1] - runs_[2][0])
+    base = sm.split_bytes(storage, queue_depth)
+    best, best_s = None, np.inf
+    gap = 0
+    while True:
+        for split in (base // 2, base, base * 2):
+            plan = merge_runs(runs_, region_offset, bundle_bytes, align, gap, max(split, align))
+            t = sm.batch_s(storage, plan.extents[:, 1], queue_depth, plan.extents[:, 0])
+            if t < best_s:
+                best, best_s = plan, t
+        if gap >= span:
+            return best
+        gap = max(align, gap * 2)

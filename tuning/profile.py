@@ -5,7 +5,10 @@ layer's threshold is read off for every sparsity of a grid. Each grid point's pe
 measured on held-out text; by default the highest sparsity within `ppl_budget` of dense is
 chosen. Pass 2 runs the sparse model at the chosen thresholds (what the engine will run) and
 records the active masks, bit-packed, for calibration and held-out text separately, so that
-later stages fit on one and measure on the other.
+later stages fit on one and measure on the other. The token ids are kept too (small), and
+with `record_inputs` each layer's FFN input h (fp16, what `ffn(layer, h)` receives in pass 2)
+for activation predictors, which learn h -> mask; off by default, as it is 16*d_model/d_ffn
+times the masks' size (SmolLM2: 1,152 bytes per token per layer, 35 MB per 1,000 tokens).
 """
 from __future__ import annotations
 
@@ -42,6 +45,12 @@ class Profile:
     d_ffn: int
     source_hash: str
     meta: dict = field(default_factory=dict)
+    tokens_calib: np.ndarray | None = None    # (tokens,) int32, the sequences back to back
+    tokens_heldout: np.ndarray | None = None
+    seq_lens_calib: np.ndarray | None = None  # (sequences,) int32
+    seq_lens_heldout: np.ndarray | None = None
+    inputs_calib: np.ndarray | None = None    # (L, tokens, d_model) fp16 FFN inputs, if recorded
+    inputs_heldout: np.ndarray | None = None
 
     def masks(self, split: str) -> np.ndarray:
         """(L, tokens, n) bool."""
@@ -52,15 +61,35 @@ class Profile:
         """Active fraction per layer."""
         return self.masks(split).mean(axis=(1, 2))
 
+    def sequences(self, split: str) -> list[np.ndarray]:
+        """The token sequences the masks were recorded on."""
+        toks, lens = ((self.tokens_calib, self.seq_lens_calib) if split == "calib"
+                      else (self.tokens_heldout, self.seq_lens_heldout))
+        if toks is None:
+            raise ProfileError("this profile has no token ids (written by an older ripple); "
+                               "run `ripple profile` again")
+        return [a.astype(np.int64) for a in np.split(toks, np.cumsum(lens)[:-1])]
+
+    def inputs(self, split: str) -> np.ndarray:
+        """(L, tokens, d_model) fp16 FFN inputs."""
+        x = self.inputs_calib if split == "calib" else self.inputs_heldout
+        if x is None:
+            raise ProfileError("this profile has no FFN inputs; run `ripple profile "
+                               "--record-inputs` (predictors learn from them)")
+        return x
+
 
 def _record(tm: TorchModel, seqs: list[np.ndarray], criterion: str, thresholds: np.ndarray | None,
-            keep_scores: bool, desc: str) -> tuple[list, list]:
-    """Forward over seqs; per layer, the scores (fp16, if keep_scores) and active masks."""
+            keep_scores: bool, desc: str, inputs: list[list] | None = None) -> tuple[list, list]:
+    """Forward over seqs; per layer, the scores (fp16, if keep_scores) and active masks;
+    the FFN inputs (fp16) go to inputs[layer], if given."""
     L = tm.desc.n_layers
     kept: list[list] = [[] for _ in range(L)]
     masks: list[list] = [[] for _ in range(L)]
 
     def ffn(layer: int, h: torch.Tensor) -> torch.Tensor:
+        if inputs is not None:
+            inputs[layer].append(h.reshape(-1, h.shape[-1]).to(torch.float16).numpy())
         coef, score = scores(tm, layer, h, criterion)
         s = score.reshape(-1, score.shape[-1])
         if keep_scores:
@@ -76,9 +105,20 @@ def _record(tm: TorchModel, seqs: list[np.ndarray], criterion: str, thresholds: 
     return kept, masks
 
 
+def record_inputs(tm: TorchModel, seqs: list[np.ndarray], criterion: str,
+                  thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pass 2 at other thresholds: ((L, tokens, d_model) fp16 FFN inputs, (L, tokens, ceil(n/8))
+    packed masks) of the sparse model on seqs, e.g. a profile's own calibration sequences."""
+    L = tm.desc.n_layers
+    xs = [[] for _ in range(L)]
+    _, m = _record(tm, seqs, criterion, thresholds, False, "record FFN inputs", xs)
+    return np.stack([np.concatenate(x) for x in xs]), np.stack([np.concatenate(q) for q in m])
+
+
 def run_profile(tm: TorchModel, calib: list[np.ndarray], heldout: list[np.ndarray],
                 criterion: str = "coef", sparsity: float | None = None, ppl_budget: float = 0.10,
-                grid: tuple = DEFAULT_GRID, meta: dict | None = None) -> Profile:
+                grid: tuple = DEFAULT_GRID, meta: dict | None = None,
+                record_inputs: bool = False) -> Profile:
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
         raise ProfileError(f"sparsity {sparsity} is outside [0, 1); pass e.g. --sparsity 0.6")
     if ppl_budget < 0:
@@ -98,8 +138,14 @@ def run_profile(tm: TorchModel, calib: list[np.ndarray], heldout: list[np.ndarra
     else:
         chosen = grid.index(sparsity)
     thr = grid_thr[chosen]
-    _, m_cal = _record(tm, calib, criterion, thr, False, "profile: calibration masks")
-    _, m_held = _record(tm, heldout, criterion, thr, False, "profile: held-out masks")
+    L = tm.desc.n_layers
+    x_cal = [[] for _ in range(L)] if record_inputs else None
+    x_held = [[] for _ in range(L)] if record_inputs else None
+    _, m_cal = _record(tm, calib, criterion, thr, False, "profile: calibration masks", x_cal)
+    _, m_held = _record(tm, heldout, criterion, thr, False, "profile: held-out masks", x_held)
+    stack = lambda xs: None if xs is None else np.stack([np.concatenate(x) for x in xs])  # noqa: E731
+    joined = lambda seqs: np.concatenate(seqs).astype(np.int32)  # noqa: E731
+    lens = lambda seqs: np.array([len(q) for q in seqs], dtype=np.int32)  # noqa: E731
     info = dict(meta or {})
     info.update(calib_tokens=int(sum(map(len, calib))), heldout_tokens=int(sum(map(len, heldout))),
                 ppl_dense=float(dense_ppl), ppl_budget=ppl_budget,
@@ -107,7 +153,9 @@ def run_profile(tm: TorchModel, calib: list[np.ndarray], heldout: list[np.ndarra
     return Profile(criterion, np.array(grid), grid_thr, grid_ppl, float(grid[chosen]), thr,
                    np.stack([np.concatenate(m) for m in m_cal]),
                    np.stack([np.concatenate(m) for m in m_held]),
-                   tm.desc.d_ffn, tm.desc.source_hash, info)
+                   tm.desc.d_ffn, tm.desc.source_hash, info,
+                   joined(calib), joined(heldout), lens(calib), lens(heldout),
+                   stack(x_cal), stack(x_held))
 
 
 def save_profile(p: Profile, path: str | os.PathLike) -> None:
@@ -120,12 +168,20 @@ def save_profile(p: Profile, path: str | os.PathLike) -> None:
             np.savez_compressed(f, header=np.array(json.dumps(header)), grid=p.grid,
                                 grid_thresholds=p.grid_thresholds, grid_ppl=p.grid_ppl,
                                 thresholds=p.thresholds, masks_calib=p.masks_calib,
-                                masks_heldout=p.masks_heldout)
+                                masks_heldout=p.masks_heldout, **_optional_arrays(p))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_OPTIONAL = ("tokens_calib", "tokens_heldout", "seq_lens_calib", "seq_lens_heldout",
+             "inputs_calib", "inputs_heldout")
+
+
+def _optional_arrays(p: Profile) -> dict:
+    return {k: getattr(p, k) for k in _OPTIONAL if getattr(p, k) is not None}
 
 
 def load_profile(path: str | os.PathLike) -> Profile:
@@ -139,7 +195,8 @@ def load_profile(path: str | os.PathLike) -> Profile:
                 raise ProfileError(f"{path}: not a ripple profile (format {h.get('format')!r})")
             return Profile(h["criterion"], z["grid"], z["grid_thresholds"], z["grid_ppl"],
                            float(h["sparsity"]), z["thresholds"], z["masks_calib"],
-                           z["masks_heldout"], int(h["d_ffn"]), h["source_hash"], h["meta"])
+                           z["masks_heldout"], int(h["d_ffn"]), h["source_hash"], h["meta"],
+                           **{k: z[k] for k in _OPTIONAL if k in z.files})
     except ProfileError:
         raise
     except Exception as e:   # zip, npy and JSON errors all mean one thing to the user

@@ -1,0 +1,523 @@
+"""`ripple bench io`: every I/O strategy replayed on real O_DIRECT reads of this disk, side by
+side, against the physical limit.
+
+One run: measure this disk's latency table (the planner's device profile) and sequential
+bandwidth, load a workload's activation masks (calibration masks fit placements and caches,
+held-out masks are replayed), write one flash file per placement (reused across runs),
+plan every strategy's reads for the same held-out tokens, then read them token by token,
+strategies interleaved so that all see the same background load, with one reader
+(same engine, same queue depth). The storage model replays the same plans on the measured
+profile (its error is reported) and, with --device, re-plans and predicts for a phone.
+
+Lower bound per token: bytes of active bundles not in the cache / sequential bandwidth
+measured in this run. This module imports nothing heavy at top (the CLI builds its parser).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_STRATEGIES = ("dense", "llmflash", "ripple", "ours")
+SEQ_FILE_BYTES = 64 << 20     # test file for fio's sequential figure when no probe left one
+
+
+class BenchError(ValueError):
+    """A benchmark that cannot run as asked; the message says what to change."""
+
+
+@dataclass
+class Workload:
+    """Activation masks and the bundles they index. masks_*: (L, T, n) bool."""
+    name: str
+    model: str
+    sparsity: float | None
+    calib: "object"
+    heldout: "object"
+    spec: "object"                       # layout.bundle.BundleSpec
+    bundles: "object"                    # callable(layer) -> (n, bundle_bytes) uint8, neuron order
+    source: str
+    source_hash: str
+    arch: str
+    meta: dict = field(default_factory=dict)
+
+
+def register(bench_sub) -> None:
+    p = bench_sub.add_parser("io", help="I/O strategies side by side on real O_DIRECT reads (JSON + PNG)")
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2 (the embedded model) or a GGUF file / Hugging Face folder")
+    p.add_argument("--workload", choices=list(WORKLOADS), default="real",
+                   help="real: the model's profiled activations; relu-synthetic: the ReLU-regime generator; "
+                        "relu-tiny: the small ReLU model `make relu-model` trains here")
+    p.add_argument("--sparsity", type=float, help="profile at this sparsity (default: the model's default)")
+    p.add_argument("--profile", help="activation profile (.npz) to use instead of profiling")
+    p.add_argument("--tokens", type=int, default=64, help="held-out tokens measured (default 64)")
+    p.add_argument("--warmup", type=int, default=16, help="held-out tokens that only warm caches (default 16)")
+    p.add_argument("--queue-depth", type=int, default=32)
+    p.add_argument("--budget", type=float, default=0.10, help="DRAM budget as a fraction of FFN bytes (default 0.10)")
+    p.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES))
+    p.add_argument("--device", action="append", default=[],
+                   help="device profile (name in devices/ or JSON) to add modelled figures for; repeatable")
+    p.add_argument("--host-profile", help="this disk's measured profile (skips the probe; else probed now)")
+    p.add_argument("--cache-dir", default="build/cache/io", help="flash files, placements, profiles kept here")
+    p.add_argument("--engine", choices=["auto", "aio", "threads"], default="auto")
+    p.add_argument("--sets", choices=["oracle", "predicted"], default="oracle",
+                   help="held-out sets replayed: the profile's true masks (oracle), or a predictor's "
+                        "(needs --predictor and a profile recorded with --record-inputs)")
+    p.add_argument("--predictor", help="predictor file for --sets predicted (`ripple train-predictor`)")
+    p.add_argument("--json", required=True, help="results JSON (a PNG is written beside it)")
+    from .remote_replay import add_replay_args
+    add_replay_args(p)
+    p.set_defaults(run=_run)
+
+
+def _run(args) -> None:
+    from .rpc import remote_endpoint
+    if remote_endpoint(args):       # the reads on a device over TVM RPC (android_host.remote_replay)
+        from .remote_replay import run_remote
+        return run_remote(args)
+    r = bench_io_cmd(model=args.model, workload=args.workload, sparsity=args.sparsity, profile=args.profile,
+                     tokens=args.tokens, warmup=args.warmup, queue_depth=args.queue_depth, budget=args.budget,
+                     strategies=args.strategies, devices=args.device, host_profile=args.host_profile,
+                     cache_dir=args.cache_dir, engine=args.engine, json_out=args.json,
+                     sets=args.sets, predictor=args.predictor)
+    print_table(r)
+
+
+# ---------------------------------------------------------------- workloads
+
+def _hash(*parts) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(p if isinstance(p, (bytes, bytearray, memoryview)) else str(p).encode())
+    return h.hexdigest()
+
+
+def real_workload(model: str, sparsity: float | None, profile: str | None, cache_dir: Path) -> Workload:
+    """A model's profiled masks (self-sampled calibration and held-out text) and its bundles."""
+    import numpy as np
+
+    from ..layout.bundle import BundleSpec, encode_bundles
+    from ..tuning.checkpoint import default_model_path, load_model
+    from ..tuning.profile import ProfileError, load_profile
+    from .interface import profile_cmd
+
+    path = str(default_model_path()) if model in (None, "smollm2") else model
+    desc = load_model(path)
+    if profile is None:
+        tag = "default" if sparsity is None else f"s{sparsity:g}"
+        profile = str(cache_dir / f"profile-{desc.source_hash[:16]}-{tag}.npz")
+        if not Path(profile).is_file():
+            print(f"bench io: profiling {desc.name or path} ({tag}) into {profile}", file=sys.stderr)
+            profile_cmd(path, profile, sparsity=sparsity)
+    p = load_profile(profile)
+    if p.source_hash != desc.source_hash:
+        raise ProfileError(f"{profile}: profiled on another checkpoint than {path}; drop --profile "
+                           "or profile this model")
+    if sparsity is not None and abs(p.sparsity - sparsity) > 1e-9:
+        raise BenchError(f"{profile} is at sparsity {p.sparsity}, not {sparsity}; drop --profile")
+    spec = BundleSpec(desc.activation, desc.d_model, "fp16", desc.layers[0].b_up is not None)
+
+    def bundles(l: int) -> np.ndarray:
+        lw = desc.layers[l]
+        return encode_bundles(spec, lw.w_up, lw.w_down.T, lw.w_gate, lw.b_up)
+
+    return Workload("real", desc.name or Path(path).name, p.sparsity, p.masks("calib"), p.masks("heldout"),
+                    spec, bundles, path, desc.source_hash, desc.arch,
+                    {"profile": profile, "text": p.meta.get("text"), "criterion": p.criterion})
+
+
+def predicted_sets(wl: Workload, predictor: str | None) -> None:
+    """Replay a predictor's sets instead of the true ones: what the engine reads with
+    `--sets predicted` (tuning.predictor, applied to the profile's recorded FFN inputs)."""
+    from ..tuning.predictor import check_predictor, load_predictor, predicted_masks
+    from ..tuning.profile import load_profile
+    if wl.name != "real" or not predictor:
+        raise BenchError("--sets predicted needs --workload real and --predictor FILE")
+    pred = load_predictor(predictor)
+    L, _, n = wl.heldout.shape
+    check_predictor(pred, wl.source_hash, L, pred.d_model, n, predictor)
+    if wl.sparsity is not None and abs(pred.sparsity - wl.sparsity) > 1e-9:
+        raise BenchError(f"{predictor} was trained for sparsity {pred.sparsity:g}, the profile is at {wl.sparsity:g}")
+    wl.heldout = predicted_masks(pred, load_profile(wl.meta["profile"]).inputs("heldout"))
+    wl.meta.update(sets="predicted", predictor=str(predictor))
+
+
+def synthetic_workload(calib_tokens: int = 1024, heldout_tokens: int = 256, seed: int = 0) -> Workload:
+    """tuning.synthetic's ReLU-regime masks; bundles of OPT-6.7B's size (d_model 4096, fp16,
+    up bias), random bytes: what is read matters, not what it computes."""
+    import numpy as np
+
+    from ..layout.bundle import BundleSpec
+    from ..tuning.synthetic import SyntheticSpec, relu_layer
+
+    spec_s = SyntheticSpec()
+    layers = [relu_layer(spec_s, l, calib_tokens, heldout_tokens, seed) for l in range(spec_s.n_layers)]
+    spec = BundleSpec("relu", 4096, "fp16", True)
+
+    def bundles(l: int) -> np.ndarray:
+        return np.random.default_rng([seed, l]).integers(0, 256, (spec_s.n, spec.bundle_bytes), dtype=np.uint8)
+
+    desc = spec_s.describe()
+    return Workload("relu-synthetic", "synthetic ReLU (OPT-6.7B-sized bundles)", spec_s.density,
+                    np.stack([c for c, _ in layers]), np.stack([h for _, h in layers]), spec, bundles,
+                    "synthetic", _hash(json.dumps(desc, sort_keys=True), seed), "opt",
+                    {"generator": desc, "label": "synthetic (tuning.synthetic)"})
+
+
+def relu_tiny_workload(model, sparsity: float | None, profile: str | None, cache_dir: Path) -> Workload:
+    """relu-tiny (`make relu-model`): a small ReLU model trained here, profiled on its own
+    calibration files and replayed on its held-out files (tuning.relu_tiny)."""
+    from ..tuning import relu_tiny
+
+    wl = real_workload(str(relu_tiny.require_folder()), sparsity, profile, cache_dir)
+    wl.name, wl.model = "relu-tiny", relu_tiny.SHORT_LABEL
+    wl.meta["label"] = relu_tiny.LABEL
+    return wl
+
+
+# name -> loader(model, sparsity, profile, cache_dir); a workload is one line here.
+WORKLOADS = {
+    "real": real_workload,
+    "relu-synthetic": lambda model, sparsity, profile, cache_dir: synthetic_workload(),
+    "relu-tiny": relu_tiny_workload,
+}
+
+
+# ---------------------------------------------------------------- placements and flash files
+
+def _placement_source_hash() -> str:
+    from ..tuning import coactivation, greedy_path, local_search, placement
+    return _hash(*(Path(m.__file__).read_bytes() for m in (placement, coactivation, greedy_path, local_search)))
+
+
+def placements(wl: Workload, names: set[str], cache_dir: Path) -> dict:
+    """perm (L, n) per placement strategy, fit on calibration masks; cached on disk."""
+    import numpy as np
+
+    from ..tuning.placement import place
+
+    out = {}
+    L, _, n = wl.calib.shape
+    key = _hash(np.packbits(wl.calib).tobytes(), _placement_source_hash())
+    for name in sorted(names):
+        if name == "identity":
+            out[name] = np.tile(np.arange(n, dtype=np.int64), (L, 1))
+            continue
+        f = cache_dir / f"placement-{name}-{key}.npy"
+        if f.is_file():
+            out[name] = np.load(f)
+            continue
+        perm = place(list(wl.calib), name).perm
+        tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            np.save(fh, perm)
+        os.replace(tmp, f)
+        out[name] = perm
+    return out
+
+
+def flash_file(wl: Workload, perm, cache_dir: Path):
+    """The workload's bundles laid out in `perm`, written once and reused (layout.pack)."""
+    import numpy as np
+
+    from ..layout.pack import write_layout
+    from ..layout.reader import open_layout
+
+    d = cache_dir / f"layout-{_hash(wl.source_hash, wl.spec, np.ascontiguousarray(perm).tobytes())}"
+    if (d / "manifest.json").is_file():
+        try:
+            return open_layout(d)
+        except Exception as e:   # a stale or damaged cache entry is rewritten
+            print(f"bench io: rewriting {d} ({e})", file=sys.stderr)
+    layers = ((wl.bundles(l), perm[l]) for l in range(len(perm)))
+    write_layout(d, wl.spec, layers, {"bench": "io", "workload": wl.name}, wl.source, wl.source_hash,
+                 arch=wl.arch)
+    return open_layout(d)
+
+
+# ---------------------------------------------------------------- the run
+
+def host_storage(path: Path, host_profile: str | None, engine: str):
+    """This disk's profile: given, or probed now on the folder the flash files live in."""
+    from .devices import load_device
+    from .probe import probe_storage
+
+    if host_profile:
+        d = load_device(host_profile)
+        return d.storage, {"profile": host_profile, "source": d.source}
+    r = probe_storage(path, quick=False, engine=engine, with_fio=False)
+    return r.storage, {"probed": str(r.file), "seconds": round(r.seconds, 1), "engine": r.engine}
+
+
+def fio_seq_MBps(path: Path) -> float | None:
+    import shutil
+
+    from .probe import PROBE_FILE, SEQ_QD, SEQ_REQUEST, _fio, probe_file
+    if shutil.which("fio") is None:
+        return None
+    f = path / PROBE_FILE if (path / PROBE_FILE).is_file() else probe_file(path, SEQ_FILE_BYTES)
+    return round(_fio(f, SEQ_REQUEST, SEQ_QD, 2.0, sequential=True), 1)
+
+
+def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float | None = None,
+                 profile: str | None = None, tokens: int = 64, warmup: int = 16, queue_depth: int = 32,
+                 budget: float = 0.10, strategies=DEFAULT_STRATEGIES, devices=(), host_profile: str | None = None,
+                 cache_dir: str = "build/cache/io", engine: str = "auto", json_out: str | None = None,
+                 sets: str = "oracle", predictor: str | None = None, quick_table: bool = False) -> dict:
+    """quick_table: check the model with the probe's quick table (3 sizes x 2 depths, 64 MiB
+    file) instead of the full one; for tests."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from ..runtime_py import storage_model as sm
+    from ..runtime_py.reader import FlashReader
+    from ..runtime_py.strategies import build_cache, get_strategy, layout_perm, plan_trace, tune
+    from .devices import load_device
+    from .probe import QUICK, InterleavedTable
+
+    if workload not in WORKLOADS:
+        raise BenchError(f"--workload {workload!r}: choose one of {', '.join(WORKLOADS)}")
+    if tokens < 1 or warmup < 0 or queue_depth < 1:
+        raise BenchError("--tokens and --queue-depth must be at least 1, --warmup at least 0")
+    if not 0.0 <= budget < 1.0:
+        raise BenchError(f"--budget {budget}: a fraction of FFN bytes in [0, 1)")
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise BenchError(f"--sparsity {sparsity}: must be in [0, 1)")
+    strats = [get_strategy(s) for s in strategies]
+    phones = [load_device(d) for d in devices]          # bad names fail before minutes of work
+    if json_out and not Path(json_out).resolve().parent.is_dir():
+        raise BenchError(f"--json {json_out}: folder {Path(json_out).parent} does not exist")
+    cdir = Path(cache_dir)
+    cdir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    wl = WORKLOADS[workload](model, sparsity, profile, cdir)
+    if sets == "predicted":
+        predicted_sets(wl, predictor)
+    wl.meta.setdefault("sets", "oracle")
+    L, T, n = wl.heldout.shape
+    if T < warmup + tokens:
+        raise BenchError(f"{T} held-out tokens, but --warmup {warmup} + --tokens {tokens} asked; "
+                         "ask for fewer or profile more held-out tokens")
+    held = wl.heldout[:, :warmup + tokens]
+    bb = wl.spec.bundle_bytes
+    budget_bytes = int(budget * L * n * bb)
+
+    storage, storage_meta = host_storage(cdir, host_profile, engine)
+
+    perms = placements(wl, {s.placement for s in strats}, cdir)
+    layouts, tuned, traces = {}, {}, {}
+    for i, s in enumerate(strats):
+        s, tuned[s.name] = tune(s, wl.calib, perms[s.placement], bb, budget_bytes, storage, queue_depth)
+        strats[i] = s
+        cache = build_cache(s, budget_bytes, bb, perms[s.placement], wl.calib)
+        perm = layout_perm(s, perms[s.placement], cache)
+        if s.pinned_last or s.cache == "linking":   # their cache reads the placement as laid out
+            cache = build_cache(s, budget_bytes, bb, perm, wl.calib)
+        layout = flash_file(wl, perm, cdir)
+        layouts[s.name] = layout
+        print(f"bench io: planning {s.name}", file=sys.stderr)
+        traces[s.name] = plan_trace(s, held, layout.perm, cache, layout.region_offsets, bb, storage,
+                                    queue_depth, warmup, layout.alignment)
+
+    # The storage model is checked against the reads with a table measured between them, a
+    # few cells after every token, so that both see the same load (this machine's moves).
+    table = InterleavedTable(cdir, engine, **(dict(sizes=QUICK["sizes"], qds=QUICK["qds"],
+                                                 file_bytes=QUICK["file_bytes"]) if quick_table else {}))
+    fio_seq = fio_seq_MBps(cdir)
+    per_token = -(-2 * len(table.cells) // tokens)
+    # Real reads, token by token; the order of strategies rotates from token to token.
+    readers = {}
+    try:
+        for s in strats:
+            p = str(layouts[s.name].path)
+            if p not in readers:
+                readers[p] = FlashReader(p, queue_depth, engine=engine)
+                if not readers[p].o_direct:
+                    raise BenchError(f"{p}: O_DIRECT refused ({readers[p].fallback_reason}); put "
+                                     "--cache-dir on a real disk")
+        ms = {s.name: np.zeros(tokens) for s in strats}
+        for t in tqdm(range(tokens), desc="bench io: reads", unit="token", file=sys.stderr):
+            for k in range(len(strats)):
+                s = strats[(t + k) % len(strats)]
+                r = readers[str(layouts[s.name].path)]
+                ms[s.name][t] = sum(r.read(e).seconds for e in traces[s.name].extents(t)) * 1e3
+            table.step(per_token)
+        check = table.profile()
+        reader_engine = next(iter(readers.values())).engine
+    finally:
+        table.close()
+        for r in readers.values():
+            r.close()
+
+    seq_bps = check.seq_MBps * 1e6
+    res = {}
+    for s in strats:
+        tr = traces[s.name]
+        needed = tr.active.sum(1) * bb
+        missed = (tr.active - tr.hits).sum(1) * bb
+        modelled = sm.replay(check, [tr.extents(t) for t in range(tokens)], queue_depth) * 1e3
+        m = ms[s.name]
+        res[s.name] = {
+            "per_token_io_ms": round(float(m.mean()), 3),
+            "per_token_io_ms_median": round(float(np.median(m)), 3),
+            "effective_bw_MBps": round(float(needed.sum() / (m.sum() / 1e3) / 1e6), 1),
+            "reads_per_token": round(float(tr.reads().mean()), 1),
+            "bytes_read_per_token": int(tr.bytes_read().mean()),
+            "bytes_needed_per_token": int(needed.mean()),
+            "bytes_missed_per_token": int(missed.mean()),
+            "cache_hit_rate": round(float(tr.hits.sum() / max(tr.active.sum(), 1)), 4),
+            "lower_bound_ms": round(float(missed.mean() / seq_bps * 1e3), 3),
+            "modelled_per_token_io_ms": round(float(modelled.mean()), 3),
+            "model_error": round(float(modelled.mean() / m.mean() - 1), 4),
+            "policy": s.describe(),
+            "tuning": tuned[s.name],
+            "cache_entries": tr.meta["cache_entries"],
+            "per_token_ms": [round(float(x), 3) for x in m],
+        }
+    out = {
+        "device": "this machine (measured)", "model": wl.model, "workload": wl.name,
+        "sparsity": wl.sparsity, "tokens": tokens, "warmup": warmup, "queue_depth": queue_depth,
+        "dram_budget_bytes": budget_bytes, "dram_budget_fraction": budget,
+        "ffn_bytes": int(L * n * bb), "bundle_bytes": bb, "layers": L, "neurons": n,
+        "lower_bound_ms": min(v["lower_bound_ms"] for v in res.values()),
+        "seq_MBps": round(seq_bps / 1e6, 1), "fio_seq_MBps": fio_seq,
+        "reader": {"engine": reader_engine, "o_direct": True, "queue_depth": queue_depth},
+        "host_storage": {**storage_meta, "gap_threshold_bytes_qd": sm.gap_threshold_bytes(storage, queue_depth),
+                         "split_bytes": sm.split_bytes(storage, queue_depth), "table": storage.to_json(),
+                         "model_check_table": check.to_json(), "model_check_rounds": round(table.rounds, 2)},
+        "strategies": res,
+        "workload_meta": wl.meta,
+    }
+    out["ratios"] = ratios(res, out["lower_bound_ms"])
+    if phones:
+        out["modelled"] = {}
+        for dev in phones:
+            out["modelled"][dev.name] = modelled_on(dev, strats, perms, wl, held, bb, budget_bytes, queue_depth,
+                                                    warmup, layouts)
+    out["seconds"] = round(time.perf_counter() - t_start, 1)
+    out["load_average"] = os.getloadavg()[0]
+    if json_out:
+        from .interface import write_json
+        png = str(Path(json_out).with_suffix(".png"))
+        plot(out, png)
+        out["png"] = png
+        write_json(json_out, out)
+    return out
+
+
+def ratios(res: dict, lower_bound_ms: float) -> dict:
+    r = {}
+    if "ours" not in res:
+        return r
+    ours = res["ours"]["per_token_io_ms"]
+    base = {k: v["per_token_io_ms"] for k, v in res.items() if k in ("dense", "llmflash", "ripple")}
+    if base:
+        best = min(base, key=base.get)
+        r["best_baseline"] = best
+        r["best_baseline_over_ours"] = round(base[best] / ours, 3)
+    if "llmflash" in base:
+        r["llmflash_over_ours"] = round(base["llmflash"] / ours, 3)
+    r["ours_over_lower_bound"] = round(ours / lower_bound_ms, 3) if lower_bound_ms else None
+    return r
+
+
+def modelled_on(dev, strats, perms, wl, held, bb, budget_bytes, queue_depth, warmup, layouts) -> dict:
+    """Re-plan every strategy with the phone's profile (the planner is a function of it) and
+    predict its per-token I/O with the storage model."""
+    from ..runtime_py import storage_model as sm
+    from ..runtime_py.strategies import build_cache, plan_trace
+
+    out = {"source": dev.source, "seq_MBps": dev.storage.seq_MBps, "strategies": {}}
+    lbs = []
+    for s in strats:
+        layout = layouts[s.name]
+        cache = build_cache(s, budget_bytes, bb, layout.perm, wl.calib)
+        tr = plan_trace(s, held, layout.perm, cache, layout.region_offsets, bb, dev.storage, queue_depth,
+                        warmup, layout.alignment)
+        t = sm.replay(dev.storage, [tr.extents(i) for i in range(len(tr.plans))], queue_depth) * 1e3
+        missed = (tr.active - tr.hits).sum(1) * bb
+        lb = float(missed.mean() / dev.storage.seq_bytes_per_s * 1e3)
+        lbs.append(lb)
+        out["strategies"][s.name] = {"per_token_io_ms": round(float(t.mean()), 3),
+                                     "reads_per_token": round(float(tr.reads().mean()), 1),
+                                     "bytes_read_per_token": int(tr.bytes_read().mean()),
+                                     "effective_bw_MBps": round(float(tr.active.sum(1).mean() * bb / t.mean() / 1e3), 1),
+                                     "lower_bound_ms": round(lb, 3)}
+    out["lower_bound_ms"] = round(min(lbs), 3)
+    out["ratios"] = ratios(out["strategies"], out["lower_bound_ms"])
+    return out
+
+
+# ---------------------------------------------------------------- report
+
+def plot(r: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("measured here", r["strategies"], r["lower_bound_ms"], True)]
+    for name, m in r.get("modelled", {}).items():
+        panels.append((f"modelled: {name}", m["strategies"], m["lower_bound_ms"], False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (title, st, lb, measured) in zip(axes[0], panels):
+        names = list(st)
+        vals = [st[k]["per_token_io_ms"] for k in names]
+        bars = ax.bar(names, vals, color=["#888", "#c66", "#69c", "#3a3"][:len(names)] + ["#999"] * 8)
+        if measured:
+            ax.scatter(names, [st[k]["modelled_per_token_io_ms"] for k in names], marker="_", s=600,
+                       color="k", label="storage model", zorder=3)
+        ax.axhline(lb, ls="--", color="k", lw=1, label=f"lower bound {lb:.1f} ms")
+        for b, v in zip(bars, vals):
+            ax.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_yscale("log")      # dense is 10-50x the others on sparse workloads
+        ax.set_ylabel("FFN I/O per token (ms, log scale)")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"ripple bench io: {r['model']} ({r['workload']}, sparsity {r['sparsity']}), "
+                 f"QD {r['queue_depth']}, DRAM {r['dram_budget_fraction']:.0%} of FFN", fontsize=10)
+    fig.tight_layout()
+    tmp = f"{path}.{os.getpid()}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def print_table(r: dict) -> None:
+    print(f"{r['model']} ({r['workload']}), sparsity {r['sparsity']}, {r['tokens']} tokens, QD {r['queue_depth']}, "
+          f"reader {r['reader']['engine']}, DRAM budget {r['dram_budget_bytes'] / 1e6:.1f} MB; "
+          f"seq {r['seq_MBps']:.0f} MB/s (fio {r['fio_seq_MBps']}); lower bound {r['lower_bound_ms']:.2f} ms")
+    print(f"{'strategy':>9} {'io ms':>8} {'model ms':>9} {'reads':>8} {'MB read':>8} {'MB need':>8} "
+          f"{'hit':>6} {'eff MB/s':>9}")
+    for k, v in r["strategies"].items():
+        print(f"{k:>9} {v['per_token_io_ms']:8.2f} {v['modelled_per_token_io_ms']:9.2f} {v['reads_per_token']:8.0f} "
+              f"{v['bytes_read_per_token'] / 1e6:8.2f} {v['bytes_needed_per_token'] / 1e6:8.2f} "
+              f"{v['cache_hit_rate']:6.3f} {v['effective_bw_MBps']:9.0f}")
+    for name, m in r.get("modelled", {}).items():
+        print(f"modelled on {name} ({m['source']}): " + ", ".join(
+            f"{k} {v['per_token_io_ms']:.2f} ms" for k, v in m["strategies"].items())
+            + f"; lower bound {m['lower_bound_ms']:.2f} ms")
+    print("ratios: " + json.dumps(r["ratios"]))
+    if "png" in r:
+        print(f"plot: {r['png']}")
+
+
+def main(argv=None) -> int:
+    """`python bench/io.py ...` == `ripple bench io ...`."""
+    from .cli import _Parser
+    from .errors import USER_ERRORS
+    ap = _Parser(prog="bench/io.py")
+    sub = ap.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    register(sub)
+    args = ap.parse_args(["io", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        args.run(args)
+    except USER_ERRORS as e:
+        sys.stderr.write(f"ripple: error: {e}\n")
+        return 2
+    return 0

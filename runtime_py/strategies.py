@@ -1,0 +1,186 @@
+"""I/O strategies that the benchmarks compare: one interface, differing only in policy.
+
+A strategy is a placement (tuning.placement), a planner policy (runtime_py.planner) and a
+cache policy (runtime_py.cache). Given a layer's active neurons for each token, it says
+which bundles are in DRAM and which extents to read; `plan_trace` does that for a whole
+activation trace, so a benchmark can time the reads or hand them to the storage model.
+
+- dense:    every bundle of every layer, read in large requests (llama.cpp-like streaming
+            of the FFN weights, with no DRAM to keep them);
+- llmflash: checkpoint order, one read per active bundle, windowing cache (k = 5)
+            (LLM in a Flash, Alizadeh et al. 2023);
+- ripple:   Ripple's placement, access collapse, linking-aligned S3-FIFO cache
+            (arXiv 2410.19274);
+- ours:     our placement, the cheapest plan by the storage model, and a hybrid cache: the
+            most often active bundles pinned (and moved off the read path by the layout),
+            the rest of the budget LRU; the pinned share is the one the storage model finds
+            fastest on calibration masks (`tune`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from . import planner as pl
+from .cache import NeuronCache, make_cache, pinned_last
+from .storage_model import StorageProfile
+
+PLANNERS = ("region", "bundles", "collapse", "cheapest")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    placement: str                 # a tuning.placement strategy
+    planner: str                   # one of PLANNERS
+    cache: str                     # a runtime_py.cache policy
+    pinned_last: bool = False      # layout puts the pinned cache's bundles at region ends
+    pinned_share: float | None = None   # hybrid cache: share pinned; None = choose (`tune`)
+
+    def describe(self) -> dict:
+        return {"placement": self.placement, "planner": self.planner, "cache": self.cache,
+                "pinned_last": self.pinned_last, "pinned_share": self.pinned_share}
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "dense": Strategy("dense", "identity", "region", "none"),
+    "llmflash": Strategy("llmflash", "identity", "bundles", "window"),
+    "ripple": Strategy("ripple", "ripple", "collapse", "linking"),
+    "ours": Strategy("ours", "ours", "cheapest", "hybrid", pinned_last=True),
+}
+
+
+class StrategyError(ValueError):
+    pass
+
+
+def get_strategy(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        raise StrategyError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]
+
+
+def layer_plan(s: Strategy, slots: np.ndarray, n_slots: int, region_offset: int, bundle_bytes: int,
+               storage: StorageProfile, queue_depth: int, align: int = 4096) -> pl.Plan:
+    """The extents strategy `s` reads for one layer, given the slots it must fetch."""
+    if s.planner == "region":
+        return pl.plan_region(n_slots, region_offset, bundle_bytes, storage, queue_depth, align)
+    if s.planner == "bundles":
+        return pl.plan_bundles(slots, region_offset, bundle_bytes, align)
+    if s.planner == "collapse":
+        return pl.plan_collapse(slots, region_offset, bundle_bytes, storage, queue_depth, align)
+    if s.planner == "cheapest":
+        return pl.plan_cheapest(slots, region_offset, bundle_bytes, storage, queue_depth, align)
+    raise StrategyError(f"strategy {s.name}: unknown planner {s.planner!r}; one of {', '.join(PLANNERS)}")
+
+
+def build_cache(s: Strategy, budget_bytes: int, bundle_bytes: int, perm: np.ndarray,
+                calib_masks: np.ndarray) -> NeuronCache:
+    if s.cache == "hybrid" and s.pinned_share is None:
+        raise StrategyError(f"strategy {s.name}: choose its pinned share first (strategies.tune)")
+    return make_cache(s.cache, budget_bytes, bundle_bytes, perm, calib_masks,
+                      1.0 if s.pinned_share is None else s.pinned_share)
+
+
+def layout_perm(s: Strategy, perm: np.ndarray, cache: NeuronCache) -> np.ndarray:
+    """The placement the flash file is written in: the strategy's, with pinned bundles
+    moved to the end of each region when the strategy asks for it."""
+    perm = np.asarray(perm, np.int64)
+    if not s.pinned_last:
+        return perm
+    if not hasattr(cache, "pinned"):
+        raise StrategyError(f"strategy {s.name}: pinned_last needs a pinned cache, not {cache.policy}")
+    return np.stack([pinned_last(perm[l], cache.pinned(l)) for l in range(len(perm))])
+
+
+@dataclass
+class TracePlan:
+    """One strategy's reads over a trace: plans[t][l] for measured token t and layer l."""
+    strategy: Strategy
+    plans: list[list[pl.Plan]]
+    active: np.ndarray             # (T, L) active bundles per token and layer
+    hits: np.ndarray               # (T, L) of those, already in DRAM
+    meta: dict = field(default_factory=dict)
+
+    def extents(self, t: int) -> list[np.ndarray]:
+        return [p.extents for p in self.plans[t]]
+
+    def bytes_read(self) -> np.ndarray:
+        return np.array([sum(p.bytes_read for p in row) for row in self.plans])
+
+    def reads(self) -> np.ndarray:
+        return np.array([sum(len(p.extents) for p in row) for row in self.plans])
+
+
+def plan_trace(s: Strategy, masks: np.ndarray, perm: np.ndarray, cache: NeuronCache,
+               region_offsets: np.ndarray, bundle_bytes: int, storage: StorageProfile,
+               queue_depth: int, warmup: int = 0, align: int = 4096) -> TracePlan:
+    """masks (L, T, n) bool, perm (L, n) as laid out on flash. The first `warmup` tokens
+    only warm the cache; plans are kept for the tokens after them."""
+    masks = np.asarray(masks, bool)
+    L, T, n = masks.shape
+    slot_of = np.argsort(np.asarray(perm, np.int64), axis=1)
+    plans, active, hits = [], [], []
+    for t in range(T):
+        row, act, hit = [], [], []
+        for l in range(L):
+            ids = np.flatnonzero(masks[l, t])
+            h = cache.access(t, l, ids) if s.planner != "region" else np.zeros(len(ids), bool)
+            if t < warmup:
+                continue
+            slots = np.sort(slot_of[l][ids[~h]])
+            row.append(layer_plan(s, slots, n, int(region_offsets[l]), bundle_bytes, storage,
+                                  queue_depth, align))
+            act.append(len(ids))
+            hit.append(int(h.sum()))
+        if t >= warmup:
+            plans.append(row)
+            active.append(act)
+            hits.append(hit)
+    return TracePlan(s, plans, np.array(active).reshape(-1, L), np.array(hits).reshape(-1, L),
+                     {"warmup": warmup, "cache_policy": cache.policy, "cache_entries": cache.entries,
+                      "cache_capacity": cache.capacity})
+
+
+PINNED_SHARES = (1.0, 0.75, 0.5)
+
+
+def virtual_offsets(n_layers: int, n: int, bundle_bytes: int, align: int = 4096) -> np.ndarray:
+    """Region offsets of a layout of these sizes (header block, aligned regions), for
+    planning before any file is written."""
+    region = -(-n * bundle_bytes // align) * align
+    return align + np.arange(n_layers, dtype=np.int64) * region
+
+
+def tune(s: Strategy, calib: np.ndarray, perm: np.ndarray, bundle_bytes: int, budget_bytes: int,
+         storage: StorageProfile, queue_depth: int, tokens: int = 32, warmup: int = 16) -> tuple[Strategy, dict]:
+    """Fix what a strategy leaves open (the hybrid cache's pinned share) by the storage
+    model's per-token I/O on the last calibration tokens, never on held-out ones."""
+    if s.cache != "hybrid" or s.pinned_share is not None:
+        return s, {}
+    from .storage_model import replay
+    calib = np.asarray(calib, bool)
+    L, T, n = calib.shape
+    trace = calib[:, max(0, T - tokens - warmup):]
+    w = min(warmup, max(trace.shape[1] - 1, 0))
+    offsets = virtual_offsets(L, n, bundle_bytes)
+    modelled = {}
+    for share in PINNED_SHARES:
+        cand = replace(s, pinned_share=share)
+        cache = build_cache(cand, budget_bytes, bundle_bytes, perm, calib)
+        laid = layout_perm(cand, perm, cache)
+        cache = build_cache(cand, budget_bytes, bundle_bytes, laid, calib)
+        tp = plan_trace(cand, trace, laid, cache, offsets, bundle_bytes, storage, queue_depth, w)
+        modelled[share] = float(replay(storage, [tp.extents(t) for t in range(len(tp.plans))],
+                                       queue_depth).mean() * 1e3)
+    best = min(modelled, key=modelled.get)
+    return replace(s, pinned_share=best), {"pinned_share_modelled_ms": modelled}
+
+
+def layer_planner(s: Strategy, storage: StorageProfile, queue_depth: int, n_slots: int):
+    """The strategy's planner as the engine calls it: (slots, region_offset, bundle_bytes,
+    align) -> Plan."""
+    def plan(slots, region_offset, bundle_bytes, align=4096):
+        return layer_plan(s, slots, n_slots, region_offset, bundle_bytes, storage, queue_depth, align)
+    return plan

@@ -1,0 +1,95 @@
+import json
+
+import numpy as np
+import pytest
+
+from ripple.android_host import cli
+from ripple.android_host.bench_io import bench_io_cmd
+from ripple.runtime_py.strategies import StrategyError
+from ripple.tuning.checkpoint import load_model
+from ripple.tuning.forward import to_torch
+from ripple.tuning.profile import run_profile, save_profile
+
+KEYS = {"per_token_io_ms", "effective_bw_MBps", "reads_per_token", "bytes_read_per_token",
+        "bytes_needed_per_token"}
+
+
+@pytest.fixture(scope="module")
+def tiny(random_llama_dir, tmp_path_factory):
+    tm = to_torch(load_model(random_llama_dir))
+    rng = np.random.default_rng(0)
+    calib = [rng.integers(0, 128, 48) for _ in range(4)]
+    held = [rng.integers(0, 128, 48) for _ in range(2)]
+    p = run_profile(tm, calib, held, "coef", sparsity=0.5, grid=(0.0, 0.5))
+    d = tmp_path_factory.mktemp("bench")
+    save_profile(p, d / "p.npz")
+    return random_llama_dir, d / "p.npz", d
+
+
+@pytest.fixture(scope="module")
+def result(tiny):
+    model, prof, d = tiny
+    r = bench_io_cmd(model=str(model), profile=str(prof), tokens=6, warmup=3, queue_depth=8,
+                     host_profile="pixel8-ufs31", devices=["oneplus12-ufs40"], cache_dir=str(d / "cache"),
+                     json_out=str(d / "io.json"), quick_table=True)
+    return r, d
+
+
+def test_json_has_the_design_contract_for_every_strategy(result):
+    r, d = result
+    on_disk = json.loads((d / "io.json").read_text())
+    for k in ("device", "model", "sparsity", "lower_bound_ms", "strategies", "fio_seq_MBps"):
+        assert k in on_disk
+    assert set(on_disk["strategies"]) == {"dense", "llmflash", "ripple", "ours"}
+    for v in on_disk["strategies"].values():
+        assert KEYS <= set(v) and v["per_token_io_ms"] > 0
+    assert set(on_disk["modelled"]["oneplus12-ufs40"]["strategies"]) == set(on_disk["strategies"])
+    assert (d / "io.png").stat().st_size > 0
+
+
+def test_every_strategy_serves_the_same_active_bundles(result):
+    r, _ = result
+    needed = {v["bytes_needed_per_token"] for v in r["strategies"].values()}
+    assert len(needed) == 1
+
+
+def test_dense_reads_every_bundle_of_every_layer(result):
+    r, _ = result
+    region = -(-r["neurons"] * r["bundle_bytes"] // 4096) * 4096
+    assert r["strategies"]["dense"]["bytes_read_per_token"] == r["layers"] * region
+
+
+def test_lower_bound_is_missed_bytes_over_sequential_bandwidth(result):
+    r, _ = result
+    missed = min(v["bytes_missed_per_token"] for v in r["strategies"].values())
+    assert r["lower_bound_ms"] == pytest.approx(missed / (r["seq_MBps"] * 1e6) * 1e3, rel=1e-2)
+    for v in r["strategies"].values():
+        assert v["bytes_read_per_token"] >= v["bytes_missed_per_token"]
+
+
+def test_flash_files_are_reused_across_runs(result, tiny):
+    r, d = result
+    layouts = sorted((d / "cache").glob("layout-*/model.rflash"))
+    before = [p.stat().st_mtime_ns for p in layouts]
+    model, prof, _ = tiny
+    bench_io_cmd(model=str(model), profile=str(prof), tokens=2, warmup=1, queue_depth=8,
+                 host_profile="pixel8-ufs31", cache_dir=str(d / "cache"), strategies=["dense", "ours"],
+                 quick_table=True)
+    assert [p.stat().st_mtime_ns for p in layouts] == before
+
+
+def test_more_tokens_than_profiled_is_one_line_and_no_json(tiny, capsys):
+    model, prof, d = tiny
+    out = d / "bad.json"
+    code = cli.main(["bench", "io", "--model", str(model), "--profile", str(prof), "--tokens", "500",
+                     "--host-profile", "pixel8-ufs31", "--cache-dir", str(d / "cache"), "--json", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "held-out tokens" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_unknown_strategy_is_refused_before_any_work(tiny):
+    model, prof, d = tiny
+    with pytest.raises(StrategyError, match="dense"):
+        bench_io_cmd(model=str(model), profile=str(prof), strategies=["fastest"], cache_dir=str(d / "c2"),
+                     host_profile="pixel8-ufs31")

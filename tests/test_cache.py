@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+
+from ripple.runtime_py.cache import POLICIES, CacheError, make_cache, pinned_last
+
+L, N, BB = 3, 200, 1000
+
+
+def trace(seed, tokens=40, density=0.3):
+    rng = np.random.default_rng(seed)
+    # Some neurons hot, most not, with runs of co-active neighbours.
+    p = np.clip(rng.pareto(1.5, (L, N)) * density / 3, 0, 0.95)
+    return rng.random((L, tokens, N)) < p[:, None, :]
+
+
+def cache(policy, budget_bytes, seed=0, share=0.75):
+    perm = np.stack([np.random.default_rng([seed, l]).permutation(N) for l in range(L)])
+    return make_cache(policy, budget_bytes, BB, perm, trace(seed + 100), pinned_share=share)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("budget", [0, 7 * BB + 999, 90 * BB])
+def test_cache_never_exceeds_its_budget(policy, budget):
+    c = cache(policy, budget)
+    masks = trace(1)
+    for t in range(masks.shape[1]):
+        for l in range(L):
+            c.access(t, l, np.flatnonzero(masks[l, t]))
+            assert c.used_bytes <= budget
+    assert c.capacity * BB <= budget
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_hits_are_exactly_the_bundles_held_before_the_access(policy):
+    c = cache(policy, 60 * BB)
+    masks = trace(2)
+    for t in range(masks.shape[1]):
+        for l in range(L):
+            ids = np.flatnonzero(masks[l, t])
+            before = c.contains(l, ids).copy()
+            assert (c.access(t, l, ids) == before).all()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_zero_budget_never_hits(policy):
+    c = cache(policy, 0)
+    masks = trace(3)
+    assert not any(c.access(t, l, np.flatnonzero(masks[l, t])).any()
+                   for t in range(10) for l in range(L))
+
+
+def test_lru_evicts_the_least_recently_used():
+    c = make_cache("lru", L * 2 * BB, BB, np.tile(np.arange(N), (L, 1)))   # 2 bundles per layer
+    c.access(0, 0, np.array([1]))
+    c.access(1, 0, np.array([2]))
+    c.access(2, 0, np.array([1]))        # 1 is now more recent than 2
+    c.access(3, 0, np.array([3]))        # evicts 2
+    assert c.contains(0, np.array([1, 2, 3])).tolist() == [True, False, True]
+
+
+def test_window_keeps_what_was_active_in_the_last_five_tokens():
+    c = make_cache("window", L * N * BB, BB, np.tile(np.arange(N), (L, 1)))
+    c.access(0, 0, np.array([7]))
+    for t in range(1, 6):
+        c.access(t, 0, np.array([]))
+    assert c.contains(0, np.array([7])).tolist() == [True]     # active 5 tokens ago
+    c.access(6, 0, np.array([]))
+    assert c.contains(0, np.array([7])).tolist() == [False]    # 6 tokens ago: gone
+
+
+def test_s3fifo_keeps_a_reused_set_through_a_scan():
+    c = make_cache("s3fifo", L * 20 * BB, BB, np.tile(np.arange(N), (L, 1)))
+    hot = np.arange(10)
+    for t in range(5):
+        c.access(t, 0, hot)
+    for t in range(5, 25):               # one-time bundles, 8 per token
+        c.access(t, 0, 20 + np.arange(8) + 8 * (t - 5))
+    assert c.contains(0, hot).all()
+
+
+def test_linking_admits_runs_of_the_placement_not_lone_bundles():
+    perm = np.tile(np.arange(N), (L, 1))
+    c = make_cache("linking", L * 50 * BB, BB, perm)
+    c.access(0, 0, np.array([10, 11, 12, 40]))     # a run of three and a lone bundle
+    assert c.contains(0, np.array([10, 11, 12, 40])).tolist() == [True, True, True, False]
+
+
+def test_pinned_holds_the_most_often_active_bundles_for_good():
+    masks = trace(4)
+    freq = masks.mean(axis=1).reshape(-1)
+    c = make_cache("pinned", 30 * BB, BB, np.tile(np.arange(N), (L, 1)), masks)
+    top = set(np.argsort(-freq, kind="stable")[:30].tolist())
+    held = {l * N + int(i) for l in range(L) for i in c.pinned(l)}
+    assert held == top
+    for t in range(10):
+        c.access(t, 0, np.arange(N))
+    assert {l * N + int(i) for l in range(L) for i in c.pinned(l)} == top
+
+
+def test_hybrid_pins_its_share_and_runs_lru_on_the_rest():
+    masks = trace(5)
+    c = make_cache("hybrid", 40 * BB, BB, np.tile(np.arange(N), (L, 1)), masks, pinned_share=0.75)
+    assert sum(len(c.pinned(l)) for l in range(L)) == 30
+    assert c.dynamic.capacity == 10 // L * L
+
+
+def test_pinned_last_moves_pinned_neurons_to_the_end_in_order():
+    perm = np.array([5, 3, 0, 4, 1, 2])
+    out = pinned_last(perm, np.array([3, 1]))
+    assert out.tolist() == [5, 0, 4, 2, 3, 1]
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(CacheError, match="lru"):
+        make_cache("mru", 10 * BB, BB, np.tile(np.arange(N), (L, 1)))

@@ -1,0 +1,53 @@
+"""The decode engine with an I/O policy (collapse planner, DRAM cache) computes the same
+logits as without one, reads fewer bundles once the cache holds some, and never more
+bytes than the budget in DRAM."""
+import numpy as np
+import pytest
+
+from ripple.android_host.devices import published_table
+from ripple.layout.bundle import BundleSpec, encode_bundles
+from ripple.layout.pack import write_layout
+from ripple.layout.reader import open_layout
+from ripple.runtime_py.cache import BundleStore, make_cache
+from ripple.runtime_py.engine import IOStats, flash_ffn
+from ripple.runtime_py.reader import FlashReader
+from ripple.runtime_py.strategies import STRATEGIES, layer_planner
+from ripple.tuning.checkpoint import load_model
+from ripple.tuning.forward import to_torch
+
+from test_engine import step_logits
+
+PROFILE = published_table(100.0, 20_000, 2000, [4096 << i for i in range(11)], [1, 2, 4, 8, 16, 32])
+TOKENS = [3, 17, 99, 5, 42, 7, 8, 64, 12, 30, 31, 2]
+
+
+@pytest.fixture(scope="module")
+def llama(random_llama_dir, tmp_path_factory):
+    desc = load_model(random_llama_dir)
+    rng = np.random.default_rng(0)
+    spec = BundleSpec(desc.activation, desc.d_model, "fp16", False)
+    perms = [rng.permutation(desc.d_ffn) for _ in desc.layers]
+    out = tmp_path_factory.mktemp("llama")
+    write_layout(out, spec, ((encode_bundles(spec, lw.w_up, lw.w_down.T, lw.w_gate, lw.b_up), p)
+                             for lw, p in zip(desc.layers, perms)), {}, desc.source, desc.source_hash)
+    return desc, open_layout(out)
+
+
+@pytest.mark.parametrize("policy", ["lru", "s3fifo", "linking", "window"])
+def test_cached_and_collapsed_reads_give_the_same_logits(llama, policy):
+    desc, layout = llama
+    tm = to_torch(desc)
+    thr = np.full(desc.n_layers, 0.02)
+    budget = desc.n_layers * desc.d_ffn * layout.bundle_bytes // 5
+    store = BundleStore(make_cache(policy, budget, layout.bundle_bytes, layout.perm))
+    plan = layer_planner(STRATEGIES["ripple"], PROFILE, 8, desc.d_ffn)
+    plain, policed = IOStats(), IOStats()
+    with FlashReader(layout.path, 8) as reader:
+        ref = step_logits(tm, TOKENS, lambda: flash_ffn(tm, layout, reader, thr, "coef", plain))
+        got = step_logits(tm, TOKENS, lambda: flash_ffn(tm, layout, reader, thr, "coef", policed,
+                                                       planner=plan, store=store))
+        assert store.cache.used_bytes <= budget
+        assert len(store.rows_of) <= store.cache.entries
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    assert policed.bytes_needed == plain.bytes_needed
+    assert store.hits > 0

@@ -1,0 +1,43 @@
+import shutil
+
+import numpy as np
+
+from ripple.android_host import cli
+from ripple.android_host.devices import load_device
+from ripple.android_host.probe import QUICK, probe_cmd
+
+
+def test_quick_probe_writes_a_device_profile_with_a_full_table(tmp_path):
+    out = tmp_path / "here.json"
+    d = probe_cmd(str(tmp_path), str(out), name="here", quick=True)
+    dev = load_device(out)
+    assert dev.source == "measured" and dev.name == "here"
+    st = dev.storage
+    assert st.latency_us.shape == (len(QUICK["sizes"]), len(QUICK["qds"]))
+    assert (st.latency_us > 0).all() and np.isfinite(st.latency_us).all() and st.seq_MBps > 0
+    assert d["details"]["engine"] in ("aio", "threads")
+
+
+def test_quick_probe_compares_itself_with_fio_in_the_same_run(tmp_path):
+    d = probe_cmd(str(tmp_path), None, quick=True)
+    checks = d["details"]["fio"]
+    if shutil.which("fio") is None:
+        assert "fio not installed" in d["details"]["fio_note"] and not checks
+    else:
+        assert {(c["size"], c["qd"]) for c in checks} >= {(4096, 8), (1 << 20, 8)}
+        for c in checks:
+            assert c["fio_MBps"] > 0 and abs(c["ratio"] - c["probe_MBps"] / c["fio_MBps"]) < 0.01
+        assert d["details"]["fio_seq_MBps"] > 0
+
+
+def test_probe_of_a_missing_folder_is_one_line(tmp_path, capsys):
+    code = cli.main(["probe", "storage", "--path", str(tmp_path / "nope"), "--quick", "--no-fio"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no such folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_probe_out_into_a_missing_folder_writes_nothing(tmp_path, capsys):
+    code = cli.main(["probe", "storage", "--path", str(tmp_path), "--quick", "--no-fio",
+                     "--out", str(tmp_path / "no" / "d.json")])
+    assert code == 2 and not (tmp_path / "no").exists()
+    assert not list(tmp_path.glob("*.json"))
