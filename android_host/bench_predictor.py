@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
+# torch is imported inside the functions that use it: `register` runs whenever the CLI
+# builds its parser, and `ripple --help` must not wait for torch.
 STRATEGIES = ("lowrank", "xgb_count", "static")
 
 
@@ -58,7 +59,7 @@ def _run(args) -> None:
 def static_sets(masks_calib: np.ndarray, recall: float):
     """Per layer the most frequently active neurons, as few as reach `recall` of the
     calibration pairs."""
-    from ..tuning.predictor import SetPolicy  # noqa: F401  (the interface this returns)
+    import torch
     sets = []
     for m in masks_calib:                              # (tokens, n) per layer
         freq = m.sum(0)
@@ -71,6 +72,7 @@ def static_sets(masks_calib: np.ndarray, recall: float):
 
 
 def _topk_mask(lg: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    import torch
     ranks = torch.empty_like(lg, dtype=torch.long)
     ranks.scatter_(1, lg.argsort(1, descending=True), torch.arange(lg.shape[1]).expand_as(lg))
     return ranks < k[:, None]
@@ -80,6 +82,7 @@ def xgb_count_sets(tp, inputs: np.ndarray, mask_of, recall: float, val_frac: flo
                    trees: int = 100, depth: int = 4):
     """Per layer, xgboost predicts the active count from h; the top c*count by low-rank logits
     are read, c the smallest of a grid reaching `recall` on the held-back tokens."""
+    import torch
     import xgboost as xgb
     from tqdm import tqdm
     from ..tuning.predictor import logits
@@ -268,7 +271,9 @@ def plot(res: dict, png: Path) -> Path:
     ax[2].set(ylabel="held-out perplexity", title="perplexity by active set")
     ax[2].legend(fontsize=7)
     for r in rs:
-        pts = sorted(r.get("recall_sweep", []), key=lambda q: q["extra_bytes_frac"])
+        main = {"recall_target": r["recall_target"], "extra_bytes_frac": r["extra_bytes_frac"],
+                "ppl_vs_oracle": r["ppl_predicted_vs_oracle"]}
+        pts = sorted(r.get("recall_sweep", []) + [main], key=lambda q: q["extra_bytes_frac"])
         if pts:
             ax[3].plot([q["extra_bytes_frac"] for q in pts], [1 + q["ppl_vs_oracle"] for q in pts], "o-",
                        label=f"s={r['sparsity']:g}")
@@ -279,8 +284,7 @@ def plot(res: dict, png: Path) -> Path:
     ax[3].set_yscale("log")
     ax[3].set(xlabel="extra bytes / true-set bytes", ylabel="perplexity / oracle's (log)",
               title="low-rank predictor by recall target")
-    if any(r.get("recall_sweep") for r in rs):
-        ax[3].legend(fontsize=7)
+    ax[3].legend(fontsize=7)
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=png.parent, prefix=png.name + ".", suffix=".png")
     os.close(fd)

@@ -165,7 +165,7 @@ def train_predictor_cmd(profile: str, out: str, model: str | None = None, sparsi
     """Train per-layer activation predictors from a profile with recorded FFN inputs; `out` is
     a layout folder (written as DIR/predictor.npz, refused if packed from another checkpoint)
     or a .npz file."""
-    from ..tuning.predictor import TrainConfig, cost, predictor_path, save_predictor, train_from_profile
+    from ..tuning.predictor import TrainConfig, cost, save_predictor, train_from_profile
     path = model or default_model_path()
     desc = load_model(path)
     p = load_profile(profile)

@@ -62,7 +62,8 @@ def test_dense_reads_every_bundle_of_every_layer(result):
 def test_lower_bound_is_missed_bytes_over_sequential_bandwidth(result):
     r, _ = result
     missed = min(v["bytes_missed_per_token"] for v in r["strategies"].values())
-    assert r["lower_bound_ms"] == pytest.approx(missed / (r["seq_MBps"] * 1e6) * 1e3, rel=1e-2)
+    # The JSON keeps microseconds (3 decimals of ms): allow that rounding on tiny workloads.
+    assert r["lower_bound_ms"] == pytest.approx(missed / (r["seq_MBps"] * 1e6) * 1e3, rel=1e-2, abs=5e-4)
     for v in r["strategies"].values():
         assert v["bytes_read_per_token"] >= v["bytes_missed_per_token"]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ripple.tuning.checkpoint import load_model
-from ripple.tuning.forward import forward, to_torch
+from ripple.tuning.forward import to_torch
 from ripple.tuning.predictor import (Predictor, PredictorError, TrainConfig, check_predictor, cost,
                                      fit_layer, load_predictor, logits, predict, save_predictor,
                                      to_torch as predictor_to_torch, train_predictor, true_masks)

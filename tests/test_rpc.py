@@ -92,7 +92,7 @@ def test_a_hung_server_gives_an_error_within_the_timeout(farm):
         assert time.monotonic() - t0 < 5
         assert server.addr in str(e.value)
         with pytest.raises(RemoteError, match="lost earlier"):
-            s.cpu()
+            s.tensor(np.zeros(4))
 
 
 def test_a_server_started_with_the_reader_as_load_library_has_its_globals(farm, tmp_path):
@@ -116,7 +116,7 @@ def phone(farm):
         yield s
 
 
-def _ratio_alternating(local, remote, rounds: int = 3) -> float:
+def _ratio_alternating(local, remote, rounds: int = 5) -> float:
     """median(remote) / median(local), measured alternately so both see the same load."""
     lo, re_ = [], []
     for _ in range(rounds):
@@ -202,7 +202,7 @@ def test_remote_replay_reads_the_same_bytes_in_the_same_time_as_here(phone, tmp_
     assert r["complete"] and r["tokens_done"] == 24 and r["device"] == KEY
     assert all(c["match"] and c["bytes"] > 0 for c in r["bytes_check"].values()), r["bytes_check"]
     for name, st in r["strategies"].items():
-        assert 0.5 < st["remote_over_local_native"] < 2.0, (name, st)
+        assert 0.5 < st["remote_over_local_native_median"] < 2.0, (name, st)
         assert len(st["per_token_ms"]) == 24 and st["bytes_read_per_token"] > 0
 
 
