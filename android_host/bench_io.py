@@ -505,19 +505,3 @@ def print_table(r: dict) -> None:
     print("ratios: " + json.dumps(r["ratios"]))
     if "png" in r:
         print(f"plot: {r['png']}")
-
-
-def main(argv=None) -> int:
-    """`python bench/io.py ...` == `ripple bench io ...`."""
-    from .cli import _Parser
-    from .errors import USER_ERRORS
-    ap = _Parser(prog="bench/io.py")
-    sub = ap.add_subparsers(dest="what", required=True, parser_class=_Parser)
-    register(sub)
-    args = ap.parse_args(["io", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        args.run(args)
-    except USER_ERRORS as e:
-        sys.stderr.write(f"ripple: error: {e}\n")
-        return 2
-    return 0

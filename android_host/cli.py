@@ -297,8 +297,8 @@ def _run_export(args) -> None:
     print(json.dumps(export_cmd(args.target, args.layout, args.out, args.db), indent=1))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args) -> int:
+    """Run a parsed verb; errors a user can act on become one line and exit code 2."""
     from .errors import USER_ERRORS
     try:
         args.run(args)
@@ -306,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"ripple: error: {e}\n")
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

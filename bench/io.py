@@ -8,7 +8,7 @@ needed and missed per token, storage-model prediction and its error) and a PNG b
 """
 import sys
 
-from ripple.android_host.bench_io import main
+from ripple.android_host.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", "io", *sys.argv[1:]]))
