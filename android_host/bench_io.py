@@ -276,7 +276,7 @@ def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float
 
     from ..runtime_py import storage_model as sm
     from ..runtime_py.reader import FlashReader
-    from ..runtime_py.strategies import build_cache, get_strategy, layout_perm, plan_trace, tune
+    from ..runtime_py.strategies import get_strategy
     from .devices import load_device
     from .probe import QUICK, InterleavedTable
 
@@ -310,20 +310,8 @@ def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float
 
     storage, storage_meta = host_storage(cdir, host_profile, engine)
 
-    perms = placements(wl, {s.placement for s in strats}, cdir)
-    layouts, tuned, traces = {}, {}, {}
-    for i, s in enumerate(strats):
-        s, tuned[s.name] = tune(s, wl.calib, perms[s.placement], bb, budget_bytes, storage, queue_depth)
-        strats[i] = s
-        cache = build_cache(s, budget_bytes, bb, perms[s.placement], wl.calib)
-        perm = layout_perm(s, perms[s.placement], cache)
-        if s.pinned_last or s.cache == "linking":   # their cache reads the placement as laid out
-            cache = build_cache(s, budget_bytes, bb, perm, wl.calib)
-        layout = flash_file(wl, perm, cdir)
-        layouts[s.name] = layout
-        print(f"bench io: planning {s.name}", file=sys.stderr)
-        traces[s.name] = plan_trace(s, held, layout.perm, cache, layout.region_offsets, bb, storage,
-                                    queue_depth, warmup, layout.alignment)
+    strats, perms, layouts, traces, tuned = plan_strategies(wl, strats, held, warmup, queue_depth,
+                                                            budget_bytes, storage, cdir)
 
     # The storage model is checked against the reads with a table measured between them, a
     # few cells after every token, so that both see the same load (this machine's moves).
@@ -425,6 +413,30 @@ def ratios(res: dict, lower_bound_ms: float) -> dict:
         r["llmflash_over_ours"] = round(base["llmflash"] / ours, 3)
     r["ours_over_lower_bound"] = round(ours / lower_bound_ms, 3) if lower_bound_ms else None
     return r
+
+
+def plan_strategies(wl: Workload, strats: list, held: np.ndarray, warmup: int, queue_depth: int,
+                    budget_bytes: int, storage, cache_dir: Path) -> tuple[list, dict, dict, dict, dict]:
+    """Per strategy: tune it, build its cache, lay out its flash file and plan its reads of the
+    held-out tokens for `storage`. Shared by the local bench and the replay on a device.
+    Returns (strategies as tuned, placements, layouts, traces, tuning notes)."""
+    from ..runtime_py.strategies import build_cache, layout_perm, plan_trace, tune
+    bb = wl.spec.bundle_bytes
+    perms = placements(wl, {s.placement for s in strats}, cache_dir)
+    strats, layouts, traces, tuned = list(strats), {}, {}, {}
+    for i, s in enumerate(strats):
+        s, tuned[s.name] = tune(s, wl.calib, perms[s.placement], bb, budget_bytes, storage, queue_depth)
+        strats[i] = s
+        cache = build_cache(s, budget_bytes, bb, perms[s.placement], wl.calib)
+        perm = layout_perm(s, perms[s.placement], cache)
+        if s.pinned_last or s.cache == "linking":   # their cache reads the placement as laid out
+            cache = build_cache(s, budget_bytes, bb, perm, wl.calib)
+        layout = flash_file(wl, perm, cache_dir)
+        layouts[s.name] = layout
+        print(f"bench io: planning {s.name}", file=sys.stderr)
+        traces[s.name] = plan_trace(s, held, layout.perm, cache, layout.region_offsets, bb, storage,
+                                    queue_depth, warmup, layout.alignment)
+    return strats, perms, layouts, traces, tuned
 
 
 def modelled_on(dev, strats, perms, wl, held, bb, budget_bytes, queue_depth, warmup, layouts) -> dict:

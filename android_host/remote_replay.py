@@ -30,32 +30,9 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from .bench_io import DEFAULT_STRATEGIES, BenchError, Workload
+from ..runtime_py.strategies import get_strategy
+from .bench_io import DEFAULT_STRATEGIES, BenchError, Workload, plan_strategies
 from .rpc import Endpoint, RemoteError, open_session
-
-
-def plan_strategies(wl: Workload, strategies, tokens: int, warmup: int, queue_depth: int,
-                    budget_bytes: int, storage, cache_dir: Path) -> tuple[list, dict, dict, dict]:
-    """(strategies as tuned, layouts, traces, tuning notes): bench_io's planning, for `storage`."""
-    from ..runtime_py.strategies import build_cache, get_strategy, layout_perm, plan_trace, tune
-    from .bench_io import flash_file, placements
-
-    strats = [get_strategy(s) for s in strategies]
-    held = wl.heldout[:, :warmup + tokens]
-    bb = wl.spec.bundle_bytes
-    perms = placements(wl, {s.placement for s in strats}, cache_dir)
-    layouts, traces, tuned = {}, {}, {}
-    for i, s in enumerate(strats):
-        s, tuned[s.name] = tune(s, wl.calib, perms[s.placement], bb, budget_bytes, storage, queue_depth)
-        strats[i] = s
-        cache = build_cache(s, budget_bytes, bb, perms[s.placement], wl.calib)
-        perm = layout_perm(s, perms[s.placement], cache)
-        if s.pinned_last or s.cache == "linking":   # their cache reads the placement as laid out
-            cache = build_cache(s, budget_bytes, bb, perm, wl.calib)
-        layouts[s.name] = flash_file(wl, perm, cache_dir)
-        traces[s.name] = plan_trace(s, held, layouts[s.name].perm, cache, layouts[s.name].region_offsets,
-                                    bb, storage, queue_depth, warmup, layouts[s.name].alignment)
-    return strats, layouts, traces, tuned
 
 
 def _local_bytes(path: str, extents: np.ndarray) -> np.ndarray:
@@ -95,8 +72,9 @@ def replay_on_device(reader: "DeviceReader", wl: Workload, strategies=DEFAULT_ST
     try:
         if storage is None:
             storage, storage_meta = probe_device(reader, quick=quick_probe, progress=progress)
-        strats, layouts, traces, tuned = plan_strategies(wl, strategies, tokens, warmup, queue_depth,
-                                                         budget_bytes, storage, cdir)
+        strats, _, layouts, traces, tuned = plan_strategies(
+            wl, [get_strategy(s) for s in strategies], wl.heldout[:, :warmup + tokens], warmup,
+            queue_depth, budget_bytes, storage, cdir)
         for s in strats:                               # one upload per distinct flash file
             p = str(layouts[s.name].path)
             if p not in uploads:
