@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 DEMO    := build/demo
 
-.PHONY: demo test clean relu-model sysdeps
+.PHONY: demo test clean relu-model sysdeps bench-deps
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -34,6 +34,27 @@ sysdeps:
 
 test: $(STAMP) sysdeps
 	$(PY) -m pytest -q tests
+
+# llama-cpp-python for `ripple bench e2e` (not part of `make test`; ~4 min on 2 cores), built
+# from source: its default native build enables AMX, and multi-token batches then segfault
+# inside libggml-cpu on Intel hosts. So GGML_NATIVE=OFF, the AVX flags this CPU reports, no
+# AMX. Skipped when an AMX-free build is already installed; ends with a multi-token batch.
+BENCH_ISA := avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx_vnni:AVX_VNNI avx512f:AVX512 \
+	avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16
+bench-deps: $(STAMP)
+	@command -v cmake >/dev/null && command -v g++ >/dev/null && command -v make >/dev/null || \
+		{ apt-get update && apt-get install -y --no-install-recommends cmake build-essential; }
+	@if $(PY) -c 'import re, sys, llama_cpp; sys.exit(bool(re.search(rb"AMX\w* = 1", llama_cpp.llama_print_system_info())))' 2>/dev/null; \
+	then echo "bench-deps: llama-cpp-python without AMX already installed"; else \
+		args="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"; \
+		for pair in $(BENCH_ISA); do flag=$${pair%%:*}; opt=$${pair##*:}; \
+			if grep -qw $$flag /proc/cpuinfo; then args="$$args -DGGML_$$opt=ON"; \
+			else args="$$args -DGGML_$$opt=OFF"; fi; done; \
+		echo "bench-deps: CMAKE_ARGS=$$args"; \
+		CMAKE_ARGS="$$args" nice -n 19 $(PY) -m pip install --no-binary llama-cpp-python \
+			--no-cache-dir --force-reinstall --no-deps llama-cpp-python && \
+		$(PY) -m pip install -q llama-cpp-python; fi
+	$(PY) -c 'from ripple.android_host.llamacpp_decode import check_batches; check_batches()'
 
 # relu-tiny: a small ReLU OPT model trained here (~25 min on 2 cores), cached outside git in
 # ${RIPPLE_CACHE:-~/.cache/ripple-flash}/relu-tiny; a second run reuses it.

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic_file import atomic_write, save_figure
+
 DEFAULT_STRATEGIES = ("dense", "llmflash", "ripple", "ours")
 SEQ_FILE_BYTES = 64 << 20     # test file for fio's sequential figure when no probe left one
 
@@ -213,10 +215,8 @@ def placements(wl: Workload, names: set[str], cache_dir: Path) -> dict:
             out[name] = np.load(f)
             continue
         perm = place(list(wl.calib), name).perm
-        tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
+        with atomic_write(f) as fh:
             np.save(fh, perm)
-        os.replace(tmp, f)
         out[name] = perm
     return out
 
@@ -391,7 +391,7 @@ def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float
     out["seconds"] = round(time.perf_counter() - t_start, 1)
     out["load_average"] = os.getloadavg()[0]
     if json_out:
-        from .interface import write_json
+        from ..atomic_file import write_json
         png = str(Path(json_out).with_suffix(".png"))
         plot(out, png)
         out["png"] = png
@@ -494,10 +494,7 @@ def plot(r: dict, path: str) -> None:
     fig.suptitle(f"ripple bench io: {r['model']} ({r['workload']}, sparsity {r['sparsity']}), "
                  f"QD {r['queue_depth']}, DRAM {r['dram_budget_fraction']:.0%} of FFN", fontsize=10)
     fig.tight_layout()
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def print_table(r: dict) -> None:

@@ -2,7 +2,8 @@
 
 Side by side, in one run, on one layer of the model's real weights (default: the embedded
 SmolLM2-135M, d=576, n=1536, SwiGLU):
-  tvm-sparse-{fp16,int8}-{default,tuned}  the compiled kernel on k gathered bundles
+  tvm-sparse-{dtype}-{default,tuned}     the compiled kernel on k gathered bundles, per --dtype
+                                          (fp16, int8 by default; q4 on request)
   tvm-dense-fp16                          the whole FFN from matrices in their usual layout
   torch-fp16                              the engine's torch backend: decode bundles + matmuls
   torch-f32                               matmuls on weights kept as float32 (no decode)
@@ -15,23 +16,27 @@ flushed 8 MiB pass, the regime the kernels run in).
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic_file import save_figure
+
 FRACTIONS = (0.05, 0.1, 0.2, 0.5, 1.0)
+DTYPES = ("fp16", "int8", "q4")
 
 
 def register(bench_sub) -> None:
     p = bench_sub.add_parser("kernels", help="FFN kernel time vs active fraction: TVM sparse "
-                             "(default/tuned schedule, fp16/int8), TVM dense, torch; DRAM roofline")
+                             "(default/tuned schedule, fp16/int8/q4), TVM dense, torch; DRAM roofline")
     p.add_argument("--model", help="GGUF file or Hugging Face folder (default: the embedded SmolLM2-135M GGUF)")
     p.add_argument("--layer", type=int, help="layer whose weights are used (default: the middle one)")
     p.add_argument("--db", help="tuning database (default: build/tuning/kernels-host.json)")
     p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     p.add_argument("--repeat", type=int, default=20, help="timed calls per point (median)")
+    p.add_argument("--dtype", nargs="+", choices=DTYPES, default=["fp16", "int8"],
+                   help="bundle encodings of the sparse kernels (q4: d_model a multiple of 32)")
     p.add_argument("--json", required=True, help="results (a PNG is written beside it)")
     from .rpc import add_remote_args
     add_remote_args(p, "the TVM variants")
@@ -39,12 +44,13 @@ def register(bench_sub) -> None:
 
 
 def _run(args) -> None:
-    from .interface import write_json
+    from ..atomic_file import write_json
     from .rpc import remote_endpoint
     if remote_endpoint(args):
         from .remote_kernels import run_remote
         return run_remote(args)
-    res = bench_kernels(args.model, args.layer, args.db, args.fractions, args.repeat)
+    res = bench_kernels(args.model, args.layer, args.db, args.fractions, args.repeat,
+                        dtypes=tuple(args.dtype))
     write_json(args.json, res)
     png = plot(res, Path(args.json).with_suffix(".png"))
     print_table(res)
@@ -52,7 +58,8 @@ def _run(args) -> None:
 
 
 def bench_kernels(model: str | None = None, layer: int | None = None, db: str | None = None,
-                  fractions=FRACTIONS, repeat: int = 20, seed: int = 0) -> dict:
+                  fractions=FRACTIONS, repeat: int = 20, seed: int = 0,
+                  dtypes: tuple[str, ...] = ("fp16", "int8")) -> dict:
     import torch
     import tvm
 
@@ -100,7 +107,7 @@ def bench_kernels(model: str | None = None, layer: int | None = None, db: str | 
         rows.append({"variant": variant, "fraction": f, "k": int(k), "us": sec * 1e6,
                      "bytes": int(nbytes), "max_rel_err": err, "threads": threads})
 
-    for dtype in ("fp16", "int8"):
+    for dtype in dtypes:
         spec = BundleSpec(act, d, dtype, bias)
         bundles = encode_bundles(spec, lw.w_up, lw.w_down.T, lw.w_gate, lw.b_up)
         tuned, is_tuned = knobs_for(spec, "host", db_path)
@@ -226,11 +233,11 @@ def _headline(rows: list[dict], dense_us: float) -> dict:
     if not at20:
         return {"ratio_20pct_vs_dense": None, "roofline_ratio_20pct": None}
     best = min(at20, key=lambda r: r["us"])
-    fp16 = min((r for r in at20 if "-fp16-" in r["variant"]), key=lambda r: r["us"])
+    fp16 = min((r["us"] for r in at20 if "-fp16-" in r["variant"]), default=None)
     return {"ratio_20pct_vs_dense": best["us"] / dense_us,
             "roofline_ratio_20pct": best["roofline_ratio"],
             "best_sparse_20pct": best["variant"],
-            "ratio_20pct_vs_dense_same_dtype_fp16": fp16["us"] / dense_us,
+            "ratio_20pct_vs_dense_same_dtype_fp16": None if fp16 is None else fp16 / dense_us,
             "targets": {"ratio_20pct_vs_dense": 0.3, "roofline_ratio_20pct": 2.0}}
 
 
@@ -263,7 +270,7 @@ def plot(res: dict, png: Path) -> Path:
             ax.axhline(pts[0][1], color="k", ls="--", label=f"{v} (all {res['dims']['d_ffn']})")
             continue
         ax.plot(*zip(*pts), marker="o", label=v)
-    for dt, ls in (("fp16", ":"), ("int8", "-.")):
+    for dt, ls in (("fp16", ":"), ("int8", "-."), ("q4", "--")):
         pts = sorted((r["fraction"], r["roofline_us"]) for r in res["rows"]
                      if r["variant"] == f"tvm-sparse-{dt}-default")
         if pts:
@@ -277,14 +284,5 @@ def plot(res: dict, png: Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=png.parent, prefix=png.name + ".", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, png)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
+    save_figure(fig, png, dpi=120)
     return png

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic_file import save_figure
+
 # torch is imported inside the functions that use it: `register` runs whenever the CLI
 # builds its parser, and `ripple --help` must not wait for torch.
 STRATEGIES = ("lowrank", "xgb_count", "static")
@@ -45,7 +47,7 @@ def register(bench_sub) -> None:
 
 
 def _run(args) -> None:
-    from .interface import write_json
+    from ..atomic_file import write_json
     res = bench_predictor(args.profile, args.model, args.sparsities, args.rank, args.recall,
                           args.epochs, args.strategies, args.predictors_dir, args.sweep)
     write_json(args.json, res)
@@ -244,8 +246,6 @@ def print_table(res: dict) -> None:
 
 
 def plot(res: dict, png: Path) -> Path:
-    import os
-    import tempfile
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -286,12 +286,5 @@ def plot(res: dict, png: Path) -> Path:
               title="low-rank predictor by recall target")
     ax[3].legend(fontsize=7)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=png.parent, prefix=png.name + ".", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, png)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    save_figure(fig, png)
     return png

@@ -8,6 +8,10 @@ import argparse
 import json
 import sys
 
+from .flag_types import check_flags, check_paths, output_dir, output_file
+from .flag_types import fraction as _fraction, fraction_or_one as _fraction_or_one
+from .flag_types import nonneg_float as _nonneg_float, positive as _positive
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):   # one line, not argparse's usage block
@@ -15,50 +19,11 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"{v} is outside [0, 1)")
-    return v
-
-
-def _fraction_or_one(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"{v} is outside (0, 1]")
-    return v
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must not be negative")
-    return v
-
-
 def _bench_registrars() -> list:
     """`register(bench_sub)` of each benchmark module; these modules import nothing heavy at top."""
-    from . import bench_io, bench_kernels, bench_placement, bench_predictor
-    return [bench_io.register, bench_predictor.register, bench_kernels.register, bench_placement.register]
+    from . import bench_e2e, bench_io, bench_kernels, bench_placement, bench_predictor
+    return [bench_io.register, bench_predictor.register, bench_kernels.register, bench_placement.register,
+            bench_e2e.register]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="record which FFN neurons fire on calibration text")
     p.add_argument("--model", help=model_help)
-    p.add_argument("--out", required=True, help="profile file to write (.npz)")
+    p.add_argument("--out", required=True, type=output_file, help="profile file to write (.npz)")
     p.add_argument("--text", nargs="+", help="calibration text files (default: text the model samples itself)")
     p.add_argument("--criterion", choices=["coef", "gate"], default="coef",
                    help="coef: |silu(gate)*up| (default); gate: |silu(gate)| (CATS)")
@@ -99,11 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pack", help="write the FFN weights as a flash file of neuron bundles")
     p.add_argument("--model", help=model_help)
-    p.add_argument("--out", required=True, help="output folder (model.rflash + manifest.json)")
+    p.add_argument("--out", required=True, type=output_dir, help="output folder (model.rflash + manifest.json)")
     p.add_argument("--profile", help="profile from `ripple profile` (records sparsity and thresholds)")
     p.add_argument("--placement", help="placement file (.npz with perm[L, n]); default identity")
-    p.add_argument("--dtype", choices=["fp16", "int8"], default="fp16",
-                   help="bundle encoding: fp16, or int8 with a float32 scale per part of each bundle")
+    p.add_argument("--dtype", choices=["fp16", "int8", "q4"], default="fp16",
+                   help="bundle encoding: fp16, int8 with a float32 scale per part of each bundle, "
+                        "or q4 (GGUF Q4_1 blocks of 32; a Q4_1 GGUF's gate/up blocks are copied)")
     p.set_defaults(run=_run_pack)
 
     p = sub.add_parser("place", help="order each layer's neurons so that co-firing ones sit together")
@@ -111,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=["identity", "frequency", "ripple", "ours"], default="ours",
                    help="ripple: the paper's greedy Hamiltonian path on 1-P(i,j); ours (default): "
                         "fewest reads per token (mismatch distance, then 2-opt/Or-opt)")
-    p.add_argument("--out", required=True, help="placement file to write (.npz, for `ripple pack --placement`)")
+    p.add_argument("--out", required=True, type=output_file,
+                   help="placement file to write (.npz, for `ripple pack --placement`)")
     p.add_argument("--k", type=_positive, default=32, help="candidate neighbours per neuron (default 32)")
     p.set_defaults(run=_run_place)
 
@@ -136,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(true sets computed beside the engine, for measurement)")
     p.add_argument("--predictor", help="predictor file (default: the layout's predictor.npz)")
     p.add_argument("--json", help="write text and per-token metrics here")
+    p.add_argument("--verify", action="store_true",
+                   help="check every block read against its CRC from `ripple pack` (costs CPU per byte read)")
     p.set_defaults(run=_run_generate)
 
     p = sub.add_parser("probe", help="measure a device (storage latency table) into a device profile")
@@ -164,14 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", help="tuning database (default build/tuning/kernels-TARGET.json)")
     p.add_argument("--layout", help="tune for this layout's shape (default: the model's)")
     p.add_argument("--model", help=model_help)
-    p.add_argument("--dtype", nargs="+", choices=["fp16", "int8"], default=["fp16", "int8"])
+    p.add_argument("--dtype", nargs="+", choices=["fp16", "int8", "q4"], default=["fp16", "int8"])
     p.add_argument("--json", help="also write the summary here")
     p.set_defaults(run=_run_tune_kernels)
 
     p = sub.add_parser("export", help="write what an app ships: kernels .so, flash file, manifest, README")
     p.add_argument("--target", required=True, help="named target, e.g. android-arm64 or host")
     p.add_argument("--layout", required=True, help="folder written by `ripple pack`")
-    p.add_argument("--out", required=True, help="new folder to write")
+    p.add_argument("--out", required=True, type=output_dir, help="new folder to write")
     p.add_argument("--db", help="tuning database (default build/tuning/kernels-TARGET.json)")
     p.set_defaults(run=_run_export)
 
@@ -181,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Each benchmark module adds its parser: bench_sub.add_parser(NAME).set_defaults(run=...).
     for register in _bench_registrars():
         register(bench_sub)
+    check_flags(ap)    # flags by name: numbers in range, input files that exist (flag_types)
     return ap
 
 
@@ -255,14 +225,14 @@ def _run_generate(args) -> None:
     from . import interface as api
     _print_generation(api.generate_cmd(args.layout, args.model, args.prompt, args.tokens, args.sparsity,
                                        args.queue_depth, not args.no_chat, not args.buffered, args.json,
-                                       args.backend, args.sets, args.predictor))
+                                       args.backend, args.sets, args.predictor, args.verify))
 
 
 def _run_devices(args) -> None:
     from .rpc import devices_cmd, print_devices
     d = devices_cmd(args.tracker)
     if args.json:
-        from .interface import write_json
+        from ..atomic_file import write_json
         write_json(args.json, d)
     print_devices(d)
 
@@ -284,7 +254,7 @@ def _run_tune_kernels(args) -> None:
     from ..tuning.kernels import tune_kernels_cmd
     s = tune_kernels_cmd(args.target, args.trials, args.db, args.layout, args.model, tuple(args.dtype))
     if args.json:
-        from .interface import write_json
+        from ..atomic_file import write_json
         write_json(args.json, s)
     for w in s["workloads"]:
         print(f"{w['key']}: {w['default_us']:.1f} us -> {w['us']:.1f} us ({w['speedup']:.2f}x) "
@@ -301,6 +271,7 @@ def run(args) -> int:
     """Run a parsed verb; errors a user can act on become one line and exit code 2."""
     from .errors import USER_ERRORS
     try:
+        check_paths(args)
         args.run(args)
     except USER_ERRORS as e:
         sys.stderr.write(f"ripple: error: {e}\n")

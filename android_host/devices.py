@@ -76,7 +76,7 @@ def load_device(name_or_path: str | os.PathLike) -> Device:
 
 
 def save_device(path: str | os.PathLike, dev: Device) -> None:
-    from .interface import write_json
+    from ..atomic_file import write_json
     write_json(path, dev.to_json())
 
 

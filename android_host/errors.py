@@ -15,4 +15,5 @@ from .rpc import RemoteError
 # ValueError covers bad arguments caught below the parser (shapes, placements, sparsity).
 USER_ERRORS = (LayoutError, ReadError, CalibrationError, ModelLoadError, ProfileError, PredictorError,
                PlacementError, PlacementBenchError, ToolchainError, ProbeError, ValueError,
-               FileNotFoundError, IsADirectoryError, PermissionError, RemoteError)
+               FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError,
+               PermissionError, RemoteError)

@@ -2,38 +2,24 @@
 directly. Each writes its output atomically: a failed verb leaves no half-written file."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from ..layout.bundle import BundleSpec, encode_bundles
+from ..atomic_file import write_json
+from ..layout.bundle import BundleSpec
 from ..layout.pack import write_layout
-from ..layout.reader import check_source, describe, open_layout, verify_layout
+from ..layout.quantization import QuantizationReport, encode_layer
+from ..layout.reader import block_checks, check_source, describe, open_layout, verify_layout
 from ..runtime_py.engine import generate, report
 from ..runtime_py.reader import FlashReader
 from ..tuning.calibration import (CALIBRATION_PROMPTS, HELDOUT_PROMPTS, file_sequences,
                                   sample_sequences, split_heldout)
 from ..tuning.checkpoint import default_model_path, load_model, load_tokenizer
 from ..tuning.forward import to_torch
+from ..tuning.load_gguf import ffn_q4_1_rows
 from ..tuning.relu_tiny import SPLIT_TEXT_NOTE, split_sequences
 from ..tuning.profile import Profile, ProfileError, load_profile, run_profile, save_profile, thresholds_at
-
-
-def write_json(path: str | os.PathLike, obj: dict) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=path.name + ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def profile_summary(p: Profile) -> dict:
@@ -89,14 +75,34 @@ def pack_cmd(model: str | None, out_dir: str, profile: str | None = None,
         [np.arange(desc.d_ffn) for _ in range(desc.n_layers)]
     meta["placement"] = placement or "identity"
     spec = BundleSpec(desc.activation, desc.d_model, dtype, desc.layers[0].b_up is not None)
+    # q4 from a GGUF: its Q4_1 gate/up rows go into the bundles as they are (no second rounding).
+    blocks = ffn_q4_1_rows(path, desc.n_layers) if dtype == "q4" and Path(path).suffix == ".gguf" \
+        else [{} for _ in desc.layers]
+    report, quantization = QuantizationReport(dtype), {}
 
     def layers():
-        for lw, perm in zip(desc.layers, perms):
-            yield encode_bundles(spec, lw.w_up, lw.w_down.T, lw.w_gate, lw.b_up), perm
+        for lw, perm, q4_blocks in zip(desc.layers, perms, blocks):
+            yield encode_layer(spec, lw.w_up, lw.w_down, lw.w_gate, lw.b_up, q4_blocks, report), perm
+        quantization.update(report.to_dict())
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    write_layout(out_dir, spec, layers(), meta, str(path), desc.source_hash, arch=desc.arch)
-    return describe(open_layout(out_dir, verify=True))
+    write_layout(out_dir, spec, layers(), meta, str(path), desc.source_hash, arch=desc.arch,
+                 quantization=quantization)
+    return layout_summary(open_layout(out_dir, verify=True))
+
+
+def layout_summary(layout) -> dict:
+    """What `ripple pack` and `ripple inspect` print: the layout, the bytes a token reads, and
+    the encoding's error against the source weights."""
+    info = describe(layout)
+    dense = layout.n_layers * layout.d_ffn * layout.bundle_bytes
+    info["ffn_bytes_per_token"] = {"dense": dense}
+    sparsity = layout.manifest.meta.get("sparsity")
+    if sparsity is not None:
+        # The mean over tokens: each token reads its own active set, (1 - sparsity) of them.
+        info["ffn_bytes_per_token"][f"at_sparsity_{sparsity:g}"] = round((1 - sparsity) * dense)
+    info["quantization"] = layout.manifest.quantization
+    return info
 
 
 def load_placement(path: str, n_layers: int, n: int) -> list[np.ndarray]:
@@ -114,7 +120,7 @@ def inspect_cmd(path: str, verify: bool = False) -> dict:
     layout = open_layout(path, verify=False)
     if verify:
         verify_layout(layout)
-    info = describe(layout)
+    info = layout_summary(layout)
     info["verified"] = verify
     return info
 
@@ -122,9 +128,11 @@ def inspect_cmd(path: str, verify: bool = False) -> dict:
 def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What is flash memory?",
                  tokens: int = 16, sparsity: float | None = None, queue_depth: int = 32,
                  chat: bool = True, o_direct: bool = True, json_out: str | None = None,
-                 backend: str = "torch", sets: str | None = None, predictor: str | None = None) -> dict:
+                 backend: str = "torch", sets: str | None = None, predictor: str | None = None,
+                 verify: bool = False) -> dict:
     """sets: "predicted" (default when the layout folder holds predictor.npz, or --predictor is
-    given) or "oracle" (true sets computed beside the engine; measurement only)."""
+    given) or "oracle" (true sets computed beside the engine; measurement only).
+    verify: check every block read against its CRC (layout.block_crc; costs CPU per byte read)."""
     if tokens < 1:
         raise ValueError(f"--tokens {tokens}: must be at least 1")
     path = model or default_model_path()
@@ -149,7 +157,8 @@ def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What 
                                            add_generation_prompt=True, tokenize=True, return_dict=False))
     else:
         ids = list(tok(prompt)["input_ids"])
-    with FlashReader(layout.path, queue_depth, o_direct) as reader:
+    checks = block_checks(layout) if verify else None
+    with FlashReader(layout.path, queue_depth, o_direct, checks=checks) as reader:
         gen = generate(tm, layout, reader, thresholds, meta.get("criterion", "coef"), ids, tokens, tok,
                        backend, policy)
         rep = report(gen, reader, desc.n_layers * desc.d_ffn, label)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..atomic_file import atomic_write
 from ..runtime_py.reader import FlashReader
 from ..runtime_py.storage_model import StorageProfile
 
@@ -66,19 +67,12 @@ def probe_file(dir_: str | os.PathLike, nbytes: int) -> Path:
     if free < nbytes * 1.1:
         raise ProbeError(f"{d}: {free >> 20} MiB free, the probe needs {nbytes >> 20} MiB; "
                          "free some space or pass --quick")
-    tmp = path.with_name(f".{PROBE_FILE}.{os.getpid()}.tmp")
     rng = np.random.default_rng(0)
-    try:
-        with open(tmp, "wb") as f:
-            chunk = rng.integers(0, 256, 8 * MiB, dtype=np.uint8).tobytes()
-            for _ in tqdm(range(-(-nbytes // len(chunk))), desc="probe: test file", unit="8MiB",
-                          file=sys.stderr, leave=False):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as f:
+        chunk = rng.integers(0, 256, 8 * MiB, dtype=np.uint8).tobytes()
+        for _ in tqdm(range(-(-nbytes // len(chunk))), desc="probe: test file", unit="8MiB",
+                      file=sys.stderr, leave=False):
+            f.write(chunk)
     return path
 
 

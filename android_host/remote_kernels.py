@@ -224,7 +224,7 @@ def bench_kernels_remote_cmd(endpoint: Endpoint, target: str, json_out: str, mod
                              stream_mib: int = 256, on_row=None, compare_local: bool = False) -> dict:
     """Open the session, run, write the JSON (also when the device was lost midway) and PNG."""
     from .bench_kernels import plot
-    from .interface import write_json
+    from ..atomic_file import write_json
     if not Path(json_out).resolve().parent.is_dir():
         raise ValueError(f"--json {json_out}: folder {Path(json_out).parent} does not exist")
     with open_session(endpoint, timeout, name) as s:

@@ -225,7 +225,7 @@ def bench_io_remote_cmd(endpoint: Endpoint, target: str = "android-arm64", json_
     if device_profile:
         out["device_storage"]["profile"] = device_profile
     if json_out:
-        from .interface import write_json
+        from ..atomic_file import write_json
         if out["strategies"]:
             png = str(Path(json_out).with_suffix(".png"))
             plot(out, png)

@@ -7,6 +7,9 @@ k bundles, viewed as
                                up row | down column [| up bias]  (ReLU)
   int8: (k, bundle_bytes) int8 - the same parts as int8, then float32 side data (a scale per
         part, then the up bias) read from the last bytes of each row.
+  q4:   (k, bundle_bytes) uint8 - each part as d/32 GGUF Q4_1 blocks (fp16 step, fp16 minimum,
+        16 bytes of nibbles), then the float32 up bias; the kernel unpacks the nibbles and the
+        block's step and minimum in place (value = step * q + minimum).
 y = W_down[:, active] @ act(active rows of W_up/W_gate @ x), without b_down (the engine adds it).
 
 Dense kernel (the baseline it is compared with): the whole FFN from matrices in their usual
@@ -18,11 +21,12 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
+from ..layout import q4
 from ..layout.bundle import BundleSpec
 
 _I64 = "int64"
 # Which storage dtype a bundle's values are read as, per layout dtype.
-VIEW_DTYPE = {"fp16": "float16", "int8": "int8"}
+VIEW_DTYPE = {"fp16": "float16", "int8": "int8", "q4": "uint8"}
 
 
 def _i64(v: int):
@@ -47,11 +51,19 @@ def _side_f32(W, i, byte: int):
     return tirx.reinterpret("float32", bits)
 
 
+def _f16(W, i, byte):
+    """The float16 at byte offset `byte` of uint8 row i (little-endian), as float32."""
+    bits = W[i, byte].astype("uint16") | (W[i, byte + 1].astype("uint16") << tirx.const(8, "uint16"))
+    return tirx.reinterpret("float16", bits).astype("float32")
+
+
 def sparse_ffn(spec: BundleSpec) -> tirx.PrimFunc:
     """The sparse FFN over a gathered buffer of k bundles (k symbolic)."""
     if spec.dtype not in VIEW_DTYPE:
         raise ValueError(f"no kernel for bundle dtype {spec.dtype!r}; kernels exist for "
                          f"{sorted(VIEW_DTYPE)}")
+    if spec.dtype == "q4":
+        return _sparse_ffn_q4(spec)
     d, P = spec.d_model, gemv_parts(spec)
     k = te.var("k", dtype=_I64)
     D = _i64(d)
@@ -97,6 +109,58 @@ def sparse_ffn(spec: BundleSpec) -> tirx.PrimFunc:
     ri = te.reduce_axis((0, k), name="ri")
     y = te.compute((D,), lambda j: te.sum(
         W[ri, _i64(P * d) + j].astype("float32") * act[ri], axis=ri), name="y")
+    return te.create_prim_func([x, W, y]).with_attr("global_symbol", "main")
+
+
+def _sparse_ffn_q4(spec: BundleSpec) -> tirx.PrimFunc:
+    """sparse_ffn on Q4_1 blocks. Per block b of a part: sum_c (d_b q_c + m_b) x_c
+    = sum_c d_b q_c x_c + m_b xsum_b: the up GEMV is step * nibble * x (the step is one
+    broadcast per 16-lane vector), the minimums meet a precomputed block sum of x."""
+    d, P, pb = spec.d_model, gemv_parts(spec), spec.part_bytes
+    nb = d // q4.BLOCK
+    k = te.var("k", dtype=_I64)
+    D, NB, B = _i64(d), _i64(nb), _i64(q4.BLOCK)
+    x = te.placeholder((D,), "float32", name="x")
+    W = te.placeholder((k, _i64(spec.bundle_bytes)), "uint8", name="bundles")
+
+    def block_at(part, b):
+        return part * _i64(pb) + b * _i64(q4.BLOCK_BYTES)
+
+    def nibble(i, part, c):
+        """q of value c (0 <= c < d) of `part` of bundle i, as float32."""
+        b, e = c // B, c % B
+        byte = W[i, block_at(part, b) + _i64(4) + e % _i64(q4.BLOCK // 2)]
+        shift = (e // _i64(q4.BLOCK // 2) * _i64(4)).astype("uint8")
+        return ((byte >> shift) & tirx.const(15, "uint8")).astype("float32")
+
+    rb = te.reduce_axis((0, B), name="rb")
+    xsum = te.compute((NB,), lambda b: te.sum(x[b * B + rb], axis=rb), name="xsum")
+    rj = te.reduce_axis((0, D), name="rj")
+    gu = te.compute((k, _i64(P)), lambda i, p: te.sum(
+        _f16(W, i, block_at(p, rj // B)) * nibble(i, p, rj) * x[rj], axis=rj), name="gu")
+    rm = te.reduce_axis((0, NB), name="rm")
+    gm = te.compute((k, _i64(P)), lambda i, p: te.sum(
+        _f16(W, i, block_at(p, rm) + _i64(2)) * xsum[rm], axis=rm), name="gm")
+
+    def act_fn(i):
+        if spec.activation == "swiglu":
+            g = gu[i, 0] + gm[i, 0]
+            return g * te.sigmoid(g) * (gu[i, 1] + gm[i, 1])
+        u = gu[i, 0] + gm[i, 0]
+        if spec.has_up_bias:
+            u = u + _side_f32(W, i, len(spec.parts) * pb)
+        return te.max(u, tirx.const(0.0, "float32"))
+
+    act = te.compute((k,), act_fn, name="act")
+    # Down: y_j = sum_i act_i (d_ib q_ij + m_ib), b = j/32. The step is folded into the
+    # coefficient once per (neuron, block), the minimum into a per-block sum over neurons.
+    ad = te.compute((k, NB), lambda i, b: act[i] * _f16(W, i, block_at(P, b)), name="ad")
+    rk = te.reduce_axis((0, k), name="rk")
+    am = te.compute((NB,), lambda b: te.sum(
+        act[rk] * _f16(W, rk, block_at(P, b) + _i64(2)), axis=rk), name="am")
+    ri = te.reduce_axis((0, k), name="ri")
+    yq = te.compute((D,), lambda j: te.sum(ad[ri, j // B] * nibble(ri, P, j), axis=ri), name="y")
+    y = te.compute((D,), lambda j: yq[j] + am[j // B], name="y_min")
     return te.create_prim_func([x, W, y]).with_attr("global_symbol", "main")
 
 

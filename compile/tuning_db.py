@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
+from ..atomic_file import write_json
 from ..layout.bundle import BundleSpec
 from .schedule import Knobs, valid
 from .targets import target_dict
@@ -55,16 +55,7 @@ def save_record(path: str | os.PathLike, target_name: str, record: dict) -> None
     db["target_json"] = target_dict(target_name)
     db["workloads"][record["key"]] = {**record, "target_json": target_dict(target_name)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(db, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, db)
 
 
 def tuned_knobs(spec: BundleSpec, target_name: str, path: str | os.PathLike | None = None) -> Knobs | None:

@@ -7,6 +7,11 @@ compute from, so a gathered buffer of k bundles is the kernel's input as is (no 
 int8 bundles: the parts as int8 (symmetric, scale = max|part| / 127), then float32 side data:
 one scale per part, then the up bias. A gathered buffer of k int8 bundles is a (k, bundle_bytes)
 int8 array; kernels read the values in place and the side data from its last bytes.
+
+q4 bundles: each part as d_model/32 blocks in GGUF's Q4_1 byte format (layout.q4: fp16 step,
+fp16 minimum, 16 bytes of nibbles; 20 bytes per 32 values along the hidden dimension), then
+the up bias as float32. A GGUF's Q4_1 gate/up rows are such blocks already and are copied in
+unchanged (bundles_from_q4_parts). A gathered buffer of k q4 bundles is (k, bundle_bytes) uint8.
 """
 from __future__ import annotations
 
@@ -14,11 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import q4
+
 ACTIVATIONS = ("swiglu", "relu")
 
-# Bytes of one stored value, per encoding. q4 (with per-bundle scales) will add entries here
-# and in _ENCODE / _DECODE; everything else sizes itself from bundle_bytes.
-_VALUE_BYTES = {"fp16": 2, "int8": 1}
+# Bytes of one stored value, per encoding (q4: per 32 values, see q4.BLOCK_BYTES); everything
+# else sizes itself from bundle_bytes.
+_VALUE_BYTES = {"fp16": 2, "int8": 1, "q4": None}
 
 # Explicit little-endian: the file is read as is by kernels on ARM and x86 alike.
 _FP16 = np.dtype("<f2")
@@ -49,6 +56,10 @@ class BundleSpec:
                              f"supported: {sorted(_VALUE_BYTES)}")
         if self.has_up_bias and self.activation != "relu":
             raise ValueError("only relu (OPT-style) bundles carry an up bias")
+        if self.dtype == "q4" and self.d_model % q4.BLOCK:
+            raise ValueError(f"q4 bundles quantize blocks of {q4.BLOCK} values along the hidden "
+                             f"dimension; d_model {self.d_model} is not a multiple of {q4.BLOCK}, "
+                             f"use --dtype int8 or fp16")
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -61,11 +72,23 @@ class BundleSpec:
 
     @property
     def side_floats(self) -> int:
-        """float32 side data after the values: int8 keeps a scale per part and the bias there."""
-        return len(self.parts) + int(self.has_up_bias) if self.dtype == "int8" else 0
+        """float32 side data after the values: int8 keeps a scale per part and the bias there,
+        q4 the bias (its scales sit in its blocks)."""
+        if self.dtype == "int8":
+            return len(self.parts) + int(self.has_up_bias)
+        return int(self.has_up_bias) if self.dtype == "q4" else 0
+
+    @property
+    def part_bytes(self) -> int:
+        """Bytes of one part (a gate/up row or a down column) in the bundle."""
+        if self.dtype == "q4":
+            return q4.row_bytes(self.d_model)
+        return self.d_model * _VALUE_BYTES[self.dtype]
 
     @property
     def bundle_bytes(self) -> int:
+        if self.dtype == "q4":
+            return len(self.parts) * self.part_bytes + 4 * self.side_floats
         if self.side_floats:
             return len(self.parts) * self.d_model * _VALUE_BYTES[self.dtype] + 4 * self.side_floats
         return self.elems * _VALUE_BYTES[self.dtype]
@@ -186,5 +209,63 @@ def _decode_int8(spec: BundleSpec, raw: np.ndarray) -> Bundles:
     return Bundles(up=got["up"], down_t=got["down"], gate=got.get("gate"), up_bias=bias)
 
 
-_ENCODE = {"fp16": _encode_fp16, "int8": _encode_int8}
-_DECODE = {"fp16": _decode_fp16, "int8": _decode_int8}
+def bundles_from_q4_parts(spec: BundleSpec, parts: dict[str, np.ndarray],
+                          up_bias: np.ndarray | None = None) -> np.ndarray:
+    """q4 bundles from parts already in Q4_1 blocks: uint8 (n, spec.bundle_bytes).
+
+    parts: name -> uint8 (n, spec.part_bytes), e.g. a GGUF's Q4_1 ffn_gate/ffn_up rows as they
+    lie in the file (copied, not re-rounded) and q4.quantize_rows of the down columns."""
+    if spec.dtype != "q4":
+        raise ValueError(f"bundles_from_q4_parts builds q4 bundles, the spec is {spec.dtype}")
+    if set(parts) != set(spec.parts):
+        raise ValueError(f"parts must be exactly {spec.parts}, got {sorted(parts)}")
+    pb = spec.part_bytes
+    n = None
+    for name in spec.parts:
+        a = parts[name]
+        ok = isinstance(a, np.ndarray) and a.dtype == np.uint8 and a.ndim == 2 \
+            and a.shape[1] == pb and a.shape[0] == (a.shape[0] if n is None else n)
+        if not ok:
+            got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+            raise ValueError(f"{name} must be Q4_1 blocks, uint8 ({'n' if n is None else n}, "
+                             f"{pb}), got {got}")
+        n = a.shape[0]
+    if spec.has_up_bias:
+        if up_bias is None or np.shape(up_bias) != (n,):
+            raise ValueError(f"up_bias must have shape ({n},), got "
+                             f"{None if up_bias is None else np.shape(up_bias)}")
+    elif up_bias is not None:
+        raise ValueError("this BundleSpec has has_up_bias=False; pass up_bias=None")
+    out = np.empty((n, spec.bundle_bytes), dtype=np.uint8)
+    for i, name in enumerate(spec.parts):
+        out[:, i * pb:(i + 1) * pb] = parts[name]
+    if spec.has_up_bias:
+        with np.errstate(over="ignore", invalid="ignore"):
+            bias = np.asarray(up_bias).astype(_F32)
+        if not np.isfinite(bias).all():
+            raise ValueError("up_bias holds NaN or inf (or values beyond float32); "
+                             "q4 bundles cannot store them")
+        out[:, len(spec.parts) * pb:] = bias.reshape(n, 1).view(np.uint8)
+    return out
+
+
+def _encode_q4(spec: BundleSpec, parts: dict, up_bias) -> np.ndarray:
+    blocks = {}
+    for name in spec.parts:
+        try:
+            blocks[name] = q4.quantize_rows(parts[name])
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    return bundles_from_q4_parts(spec, blocks, up_bias)
+
+
+def _decode_q4(spec: BundleSpec, raw: np.ndarray) -> Bundles:
+    d, pb, names = spec.d_model, spec.part_bytes, spec.parts
+    got = {name: q4.dequantize_rows(raw[:, i * pb:(i + 1) * pb], d) for i, name in enumerate(names)}
+    bias = (np.ascontiguousarray(raw[:, len(names) * pb:]).view(_F32)[:, 0].astype(np.float32)
+            if spec.has_up_bias else None)
+    return Bundles(up=got["up"], down_t=got["down"], gate=got.get("gate"), up_bias=bias)
+
+
+_ENCODE = {"fp16": _encode_fp16, "int8": _encode_int8, "q4": _encode_q4}
+_DECODE = {"fp16": _decode_fp16, "int8": _decode_int8, "q4": _decode_q4}

@@ -15,3 +15,9 @@ class LayoutChecksumError(LayoutError):
     def __init__(self, message: str, regions: list[tuple[int, int]] | None = None):
         super().__init__(message)
         self.regions = regions or []
+
+
+class LayoutWriteError(LayoutError, OSError):
+    """Writing a layout failed (no space left, a file size limit, an I/O error); the files
+    under the final names are what they were before. An OSError too, so callers that catch
+    the system error still do."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .block_crc import decode_table, encode_table
 from .bundle import BundleSpec
 from .errors import LayoutError
 from .header import FORMAT_VERSION, HEADER_BYTES, align_up, is_valid_alignment
@@ -28,6 +29,9 @@ class LayerRegion:
     nbytes: int               # d_ffn * bundle_bytes; the padding after it is not counted
     checksum: str             # blake2b-128 hex of those nbytes
     placement: np.ndarray     # int64 (d_ffn,): slot s holds neuron placement[s]
+    # uint32 CRC32 per alignment block up to the padded end (layout.block_crc), so reads
+    # can be checked block by block; None in layouts packed before it existed.
+    block_crc32: np.ndarray | None = None
 
 
 @dataclass(eq=False)
@@ -44,6 +48,9 @@ class Manifest:
     layers: list[LayerRegion]
     meta: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # How the bundles were encoded from the source and the error that added, per part
+    # (layout.quantization.QuantizationReport.to_dict); {} in layouts packed before it existed.
+    quantization: dict = field(default_factory=dict)
 
     @property
     def bundle_bytes(self) -> int:
@@ -61,9 +68,12 @@ class Manifest:
             "file_bytes": self.file_bytes,
             "source": {"path": self.source, "hash": self.source_hash},
             "meta": self.meta,
+            "quantization": self.quantization,
         }
         layers = [{"offset": r.offset, "bytes": r.nbytes, "checksum": r.checksum,
-                   "placement": np.asarray(r.placement).tolist()} for r in self.layers]
+                   "placement": np.asarray(r.placement).tolist(),
+                   **({} if r.block_crc32 is None else {"block_crc32": encode_table(r.block_crc32)})}
+                  for r in self.layers]
         # One line per layer: a placement is d_ffn ints, and one int per line would bury
         # the rest of the manifest.
         text = json.dumps(head, indent=2, default=_plain)
@@ -77,6 +87,8 @@ class Manifest:
             doc = json.loads(text)
         except ValueError as e:
             raise LayoutError(f"{where}: not valid JSON ({e}); re-run `ripple pack`") from None
+        except RecursionError:   # a damaged file of "[[[[..." (found by tests/test_layout_fuzz.py)
+            raise LayoutError(f"{where}: not valid JSON (nested too deep); re-run `ripple pack`") from None
         return _parse(doc, where)
 
 
@@ -169,6 +181,7 @@ def _parse(doc, where: str) -> Manifest:
     source_path = _take(source, "path", str, "source.", where)
     source_hash = _take(source, "hash", str, "source.", where)
     meta = _take(doc, "meta", dict, "", where)
+    quantization = _take(doc, "quantization", dict, "", where) if "quantization" in doc else {}
 
     raw_layers = _take(doc, "layers", list, "", where)
     if len(raw_layers) != n_layers:
@@ -191,20 +204,29 @@ def _parse(doc, where: str) -> Manifest:
                        f"{d_ffn * bundle_bytes}")
         if not _CHECKSUM.match(checksum):
             raise _bad(where, p + "checksum", "must be 32 lowercase hex digits (blake2b-128)")
+        blocks = None
+        if "block_crc32" in raw:
+            n_blocks = align_up(nbytes, alignment) // alignment
+            blocks = decode_table(_take(raw, "block_crc32", str, p, where), n_blocks)
+            if blocks is None:
+                raise _bad(where, p + "block_crc32", f"must be base64 of {n_blocks} uint32 CRCs")
         end = offset + nbytes
-        layers.append(LayerRegion(offset, nbytes, checksum, placement))
+        layers.append(LayerRegion(offset, nbytes, checksum, placement, blocks))
     if file_bytes != align_up(end, alignment):
         raise _bad(where, "file_bytes", f"is {file_bytes}; the last region ends at {end}, "
                    f"padded to {align_up(end, alignment)}")
     return Manifest(arch=arch, n_layers=n_layers, d_model=d_model, d_ffn=d_ffn, spec=spec,
                     alignment=alignment, file_bytes=file_bytes, source=source_path,
-                    source_hash=source_hash, layers=layers, meta=meta, format_version=version)
+                    source_hash=source_hash, layers=layers, meta=meta, format_version=version,
+                    quantization=quantization)
 
 
 def _placement(values: list, d_ffn: int, p: str, where: str) -> np.ndarray:
     if len(values) != d_ffn or not all(isinstance(v, int) and not isinstance(v, bool)
                                        for v in values):
         raise _bad(where, p + "placement", f"must be {d_ffn} ints")
+    if any(not 0 <= v < d_ffn for v in values):   # before numpy: 2**70 would overflow int64
+        raise _bad(where, p + "placement", f"is not a permutation of range({d_ffn})")
     perm = np.asarray(values, dtype=np.int64)
     if perm.size and (perm.min() < 0 or perm.max() >= d_ffn
                       or np.bincount(perm, minlength=d_ffn).max() != 1):

@@ -7,8 +7,10 @@ names hold what they held before: the old layout, or nothing.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 import secrets
 import sys
 from pathlib import Path
@@ -17,7 +19,9 @@ from typing import Iterable
 import numpy as np
 from tqdm import tqdm
 
+from .block_crc import BlockCrc
 from .bundle import BundleSpec
+from .errors import LayoutWriteError
 from .header import (HEADER_BYTES, MODEL_FILE, Header, align_up, encode_header,
                      is_valid_alignment, regions_digest)
 from .manifest import MANIFEST_FILE, LayerRegion, Manifest, plain_meta
@@ -32,11 +36,14 @@ _CHUNK_BYTES = 8 << 20
 
 def write_layout(out_dir: str | os.PathLike, spec: BundleSpec,
                  layers: Iterable[tuple[np.ndarray, np.ndarray]], meta: dict, source: str,
-                 source_hash: str, alignment: int = 4096, *, arch: str | None = None) -> Manifest:
+                 source_hash: str, alignment: int = 4096, *, arch: str | None = None,
+                 quantization: dict | None = None) -> Manifest:
     """Write out_dir/model.rflash and out_dir/manifest.json; returns the manifest written.
 
     `layers` yields, per layer in order, (bundles uint8 (n, bundle_bytes) in neuron order,
-    perm: slot s gets neuron perm[s]). It may be a generator: one layer is held at a time."""
+    perm: slot s gets neuron perm[s]). It may be a generator: one layer is held at a time.
+    `quantization` (the manifest's field of that name) is read after `layers` is exhausted,
+    so the generator may fill it as it encodes (layout.quantization.QuantizationReport)."""
     if not is_valid_alignment(alignment):
         raise ValueError(f"alignment must be a power of two >= 512, got {alignment!r}")
     meta = plain_meta(meta)
@@ -45,6 +52,7 @@ def write_layout(out_dir: str | os.PathLike, spec: BundleSpec,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final_model, final_manifest = out_dir / MODEL_FILE, out_dir / MANIFEST_FILE
+    _remove_stale_temps(out_dir)
     temps: list[Path] = []
     try:
         tmp_model = _temp_name(final_model, temps)
@@ -67,18 +75,31 @@ def write_layout(out_dir: str | os.PathLike, spec: BundleSpec,
         manifest = Manifest(arch=arch or _DEFAULT_ARCH[spec.activation], n_layers=len(regions),
                             d_model=spec.d_model, d_ffn=d_ffn, spec=spec, alignment=alignment,
                             file_bytes=file_bytes, source=str(source), source_hash=source_hash,
-                            layers=regions, meta=meta)
+                            layers=regions, meta=meta,
+                            quantization=plain_meta(quantization or {}))
         tmp_manifest = _temp_name(final_manifest, temps)
         with _create(tmp_manifest) as f:
             f.write(manifest.to_json().encode())
             f.flush()
             os.fsync(f.fileno())
         _commit(out_dir, tmp_model, tmp_manifest, final_model, final_manifest, temps)
-    except BaseException:
+    except BaseException as e:
         for p in temps:
             p.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, (LayoutWriteError, PermissionError,
+                                                           FileNotFoundError)):
+            raise _write_error(out_dir, e) from e
         raise
     return manifest
+
+
+def _write_error(out_dir: Path, e: OSError) -> LayoutWriteError:
+    why = {errno.ENOSPC: "free space there or pack to another disk",
+           errno.EDQUOT: "free space there or pack to another disk",
+           errno.EFBIG: "the file system or a ulimit caps the file size; pack to another disk"}
+    fix = why.get(e.errno, "check the disk")
+    return LayoutWriteError(f"{out_dir}: writing the layout failed ({e.strerror or e}); {fix}; "
+                            f"nothing was left half-written, the previous files are unchanged")
 
 
 def _write_regions(f, spec: BundleSpec, layers, alignment: int) -> tuple[list[LayerRegion], int]:
@@ -98,13 +119,15 @@ def _write_regions(f, spec: BundleSpec, layers, alignment: int) -> tuple[list[La
                                  f"must have the same d_ffn")
             f.seek(offset)
             h = hashlib.blake2b(digest_size=16)
+            crc = BlockCrc(alignment)
             step = max(1, _CHUNK_BYTES // bb)
             for s in range(0, n, step):
                 chunk = bundles[perm[s:s + step]]
                 h.update(chunk)
+                crc.update(chunk)
                 f.write(chunk)
             regions.append(LayerRegion(offset=offset, nbytes=n * bb, checksum=h.hexdigest(),
-                                       placement=perm.copy()))
+                                       placement=perm.copy(), block_crc32=crc.finish()))
             offset = align_up(offset + n * bb, alignment)
             bar.update(1)
     if not regions:
@@ -140,6 +163,29 @@ def _check_layer(i: int, item, spec: BundleSpec) -> tuple[np.ndarray, np.ndarray
                          f"{np.flatnonzero(counts > 1)[:5].tolist()} repeat, "
                          f"{np.flatnonzero(counts == 0)[:5].tolist()} are missing")
     return bundles, perm
+
+
+_TEMP = re.compile(rf"\.(?:{re.escape(MODEL_FILE)}|{re.escape(MANIFEST_FILE)})\.(\d+)\.[0-9a-f]+\.tmp\Z")
+
+
+def _remove_stale_temps(out_dir: Path) -> None:
+    # A pack killed outright (SIGKILL, power loss) cannot clean up after itself; its temporary
+    # files would hold a model's worth of disk until someone looked. The pid in the name says
+    # whether their writer is gone; a live one (another pack running here) is left alone.
+    for p in out_dir.iterdir():
+        m = _TEMP.match(p.name)
+        if m and not _alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _temp_name(final: Path, temps: list[Path]) -> Path:

@@ -2,7 +2,8 @@
 
 open_layout is cheap (the manifest, one header block, a stat) and catches missing,
 truncated, mismatched or foreign files; verify_layout re-reads every region against its
-checksum and is for `ripple pack --verify`, copies to a phone, and tests.
+checksum and is for `ripple pack --verify`, copies to a phone, and tests. block_checks hands
+a reader the per-block CRCs to check every block it reads (`ripple generate --verify`).
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .block_crc import BlockChecks, BlockCrc, file_checks
 from .bundle import BundleSpec
 from .errors import LayoutChecksumError, LayoutError
-from .header import HEADER_BYTES, MODEL_FILE, decode_header, regions_digest
+from .header import HEADER_BYTES, MODEL_FILE, align_up, decode_header, regions_digest
 from .manifest import MANIFEST_FILE, Manifest, read_manifest
 
 _VERIFY_CHUNK = 8 << 20
@@ -108,25 +110,29 @@ def bundle_offset(layout: Layout, layer: int, slot):
 
 
 def verify_layout(layout: Layout) -> None:
-    """Re-read every region and compare it with its checksum; LayoutChecksumError names
-    each region that differs."""
+    """Re-read every region and compare it with its checksum (and, with its padding, with
+    its per-block CRCs); LayoutChecksumError names each region that differs."""
     bad: list[tuple[int, int]] = []
     buf = bytearray(_VERIFY_CHUNK)
     with open(layout.path, "rb", buffering=0) as f:
         for layer, region in enumerate(layout.manifest.layers):
             f.seek(region.offset)
             h = hashlib.blake2b(digest_size=16)
-            left = region.nbytes
-            while left:
-                view = memoryview(buf)[:min(left, len(buf))]
+            crc = BlockCrc(layout.alignment) if region.block_crc32 is not None else None
+            pos, end = 0, align_up(region.nbytes, layout.alignment)
+            while pos < end:
+                view = memoryview(buf)[:min(end - pos, len(buf))]
                 got = f.readinto(view)
                 if not got:
                     raise LayoutError(f"{layout.path}: truncated: layer {layer}'s region "
                                       f"(offset {region.offset}) ends past the end of the file; "
                                       f"copy it again or re-run `ripple pack`")
-                h.update(view[:got])
-                left -= got
-            if h.hexdigest() != region.checksum:
+                h.update(view[:max(0, min(got, region.nbytes - pos))])
+                if crc is not None:
+                    crc.update(view[:got])
+                pos += got
+            if h.hexdigest() != region.checksum or (
+                    crc is not None and not np.array_equal(crc.finish(), region.block_crc32)):
                 bad.append((layer, region.offset))
     if bad:
         layer, offset = bad[0]
@@ -136,6 +142,16 @@ def verify_layout(layout: Layout) -> None:
             f"{layout.path}: layer {layer} region at offset {offset} "
             f"({layout.manifest.layers[layer].nbytes} bytes) fails its checksum{more}; the file "
             f"is corrupt, copy it again or re-run `ripple pack`", bad)
+
+
+def block_checks(layout: Layout) -> BlockChecks:
+    """The per-block CRCs of every region, for FlashReader(checks=...) to check each read."""
+    regions = layout.manifest.layers
+    if any(r.block_crc32 is None for r in regions):
+        raise LayoutError(f"{layout.manifest_path}: packed before per-block checksums, so reads "
+                          f"cannot be checked; re-run `ripple pack`, or run without --verify")
+    return file_checks(str(layout.path), layout.alignment, layout.file_bytes,
+                       [(r.offset, r.block_crc32) for r in regions])
 
 
 def check_source(layout: Layout, source_hash: str) -> None:

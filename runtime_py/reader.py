@@ -13,6 +13,11 @@ layer) are issued together:
 - "threads": `queue_depth` threads calling os.preadv, which releases the GIL. Used where
   AIO is not available (other architectures, buffered reads) or when asked for.
 `engine="auto"` picks aio when it works on this file, else threads; `engine` says which ran.
+
+Faults: an interrupted call (EINTR, EAGAIN) is retried a bounded number of times, a short
+read continues where it stopped; anything else (EIO, end of file) is a ReadError naming the
+file and the offset, and read() returns nothing: a partly filled buffer never reaches the
+weights. With `checks` (layout.block_checks) every block read is compared with its CRC.
 """
 from __future__ import annotations
 
@@ -28,13 +33,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..layout.block_crc import BlockChecks, check_extents
+
 ALIGN = 4096
 HUGE = 2 << 20            # buffers grow in huge-page steps
 ENGINES = ("auto", "aio", "threads")
+# Retries of one request after EINTR/EAGAIN, and after a read that returned 0 bytes before
+# its end. A signal storm or a file cut short ends in a ReadError, not a spin.
+_RETRIES = 8
+_EMPTY_RETRIES = 3
 
 
 class ReadError(OSError):
     """A read that failed or came back short; names the file and the offset."""
+
+    def __str__(self):          # the message alone: it already names what failed
+        return self.strerror or super().__str__()
 
 
 @dataclass
@@ -67,8 +81,11 @@ class _Aio:
         self._sys = self._libc.syscall
         self._sys.restype = ctypes.c_long
         self.depth = depth
+        self._open()
+
+    def _open(self) -> None:
         self.ctx = ctypes.c_ulong(0)
-        if self._sys(self._setup, ctypes.c_long(depth), ctypes.byref(self.ctx)) != 0:
+        if self._sys(self._setup, ctypes.c_long(self.depth), ctypes.byref(self.ctx)) != 0:
             e = ctypes.get_errno()
             raise OSError(e, f"io_setup: {os.strerror(e)}")
 
@@ -90,35 +107,52 @@ class _Aio:
         ptrs = (cb.ctypes.data + _IOCB.itemsize * np.arange(n, dtype=np.uint64)).astype(np.uint64)
         events = np.zeros(n, _EVENT)
         pp, ep, size = ptrs.ctypes.data, events.ctypes.data, _EVENT.itemsize
-        submitted = done = 0
-        while done < n:
-            want = min(self.depth - (submitted - done), n - submitted)
-            if want > 0:
-                got = self._sys(self._submit, self.ctx, ctypes.c_long(want), ctypes.c_void_p(pp + 8 * submitted))
+        submitted = done = interrupted = 0
+        try:
+            while done < n:
+                want = min(self.depth - (submitted - done), n - submitted)
+                if want > 0:
+                    got = self._sys(self._submit, self.ctx, ctypes.c_long(want), ctypes.c_void_p(pp + 8 * submitted))
+                    if got < 0:
+                        e = ctypes.get_errno()
+                        interrupted += 1
+                        if e not in (errno.EAGAIN, errno.EINTR) or interrupted > _RETRIES:
+                            raise OSError(e, f"io_submit: {os.strerror(e)}")
+                        if submitted == done:
+                            continue
+                    else:
+                        submitted += got
+                got = self._sys(self._getevents, self.ctx, ctypes.c_long(1), ctypes.c_long(submitted - done),
+                                ctypes.c_void_p(ep + size * done), None)
                 if got < 0:
                     e = ctypes.get_errno()
-                    if e not in (errno.EAGAIN, errno.EINTR) or submitted == done:
-                        raise OSError(e, f"io_submit: {os.strerror(e)}")
-                else:
-                    submitted += got
-            got = self._sys(self._getevents, self.ctx, ctypes.c_long(1), ctypes.c_long(submitted - done),
-                            ctypes.c_void_p(ep + size * done), None)
-            if got < 0:
-                e = ctypes.get_errno()
-                if e != errno.EINTR:
-                    raise OSError(e, f"io_getevents: {os.strerror(e)}")
-                continue
-            done += got
+                    interrupted += 1
+                    if e != errno.EINTR or interrupted > _RETRIES:
+                        raise OSError(e, f"io_getevents: {os.strerror(e)}")
+                    continue
+                done += got
+                interrupted = 0
+        except OSError:
+            # Requests still in flight would complete into this buffer, and their events would
+            # be taken for the next batch's: io_destroy waits for them, a new context starts clean.
+            if submitted > done:
+                self.close()
+                self._open()
+            raise
         res = np.empty(n, np.int64)
         res[events["data"].astype(np.int64)] = events["res"]
         return res
 
 
 class FlashReader:
-    def __init__(self, path: str, queue_depth: int = 32, o_direct: bool = True, engine: str = "auto"):
+    def __init__(self, path: str, queue_depth: int = 32, o_direct: bool = True, engine: str = "auto",
+                 checks: BlockChecks | None = None):
+        """checks: the layout's per-block CRCs (layout.block_checks); every block read is
+        compared with its CRC, a mismatch is a LayoutChecksumError (`--verify`)."""
         if engine not in ENGINES:
             raise ValueError(f"reader engine {engine!r} is not one of {', '.join(ENGINES)}")
         self.path = str(path)
+        self.checks = checks
         self.queue_depth = max(1, int(queue_depth))
         self.fallback_reason = ""
         self.o_direct = False
@@ -184,21 +218,30 @@ class FlashReader:
 
     def _read_group(self, view: memoryview, extents: np.ndarray, starts: np.ndarray) -> None:
         for (off, n), s in zip(extents.tolist(), starts.tolist()):
-            got, tries = 0, 0
-            while got < n:
-                try:
-                    k = os.preadv(self.fd, [view[s + got:s + n]], off + got)
-                except InterruptedError:
+            self._read_extent(view, off, n, s)
+
+    def _read_extent(self, view: memoryview, off: int, n: int, s: int, got: int = 0) -> None:
+        """Bytes [got, n) of the extent at file offset `off` into view[s:s + n]."""
+        empty, interrupted = 0, 0
+        while got < n:
+            try:
+                k = os.preadv(self.fd, [view[s + got:s + n]], off + got)
+            except (InterruptedError, BlockingIOError) as e:
+                interrupted += 1
+                if interrupted <= _RETRIES:
                     continue
-                except OSError as e:
-                    raise ReadError(e.errno, f"{self.path}: read of {n} bytes at offset {off} "
-                                             f"failed: {e.strerror}") from e
-                if k == 0:
-                    tries += 1
-                    if tries > 3:
-                        raise ReadError(errno.EIO, f"{self.path}: short read at offset {off + got} "
-                                                   f"({got} of {n} bytes); is the file truncated?")
-                got += k
+                raise ReadError(e.errno, f"{self.path}: read of {n - got} bytes at offset "
+                                         f"{off + got} interrupted {interrupted} times "
+                                         f"({e.strerror}); giving up") from e
+            except OSError as e:
+                raise ReadError(e.errno, f"{self.path}: read of {n - got} bytes at offset "
+                                         f"{off + got} failed: {e.strerror}") from e
+            if k == 0:
+                empty += 1
+                if empty > _EMPTY_RETRIES:
+                    raise ReadError(errno.EIO, f"{self.path}: short read at offset {off + got} "
+                                               f"({got} of {n} bytes); is the file truncated?")
+            got += k
 
     def _buffer(self, total: int) -> memoryview:
         if total > len(self._buf):
@@ -223,17 +266,16 @@ class FlashReader:
         bad = np.flatnonzero(res != extents[:, 1])
         if len(bad) == 0:
             return
-        i = int(bad[0])
-        off, n = (int(x) for x in extents[i])
-        if res[i] < 0:
-            raise ReadError(-int(res[i]), f"{self.path}: read of {n} bytes at offset {off} failed: "
-                                          f"{os.strerror(-int(res[i]))}")
-        # A short read: finish those extents synchronously (rare; at the end of the file it
-        # turns into the truncation error below).
         for i in bad.tolist():
-            got = int(max(res[i], 0))
-            e, s = extents[i], starts[i]
-            self._read_group(view, np.array([[e[0] + got, e[1] - got]]), np.array([s + got]))
+            off, n = (int(x) for x in extents[i])
+            if res[i] < 0 and -int(res[i]) not in (errno.EINTR, errno.EAGAIN):
+                raise ReadError(-int(res[i]), f"{self.path}: read of {n} bytes at offset {off} "
+                                              f"failed: {os.strerror(-int(res[i]))}")
+        # Short or interrupted requests: finish them synchronously (rare; at the end of the
+        # file it turns into _read_group's truncation error).
+        for i in bad.tolist():
+            self._read_extent(view, int(extents[i, 0]), int(extents[i, 1]), int(starts[i]),
+                              int(max(res[i], 0)))
 
     def read(self, extents: np.ndarray) -> ReadResult:
         extents = np.asarray(extents, dtype=np.int64).reshape(-1, 2)
@@ -253,8 +295,14 @@ class FlashReader:
             q = min(self.queue_depth, len(extents))
             futures = [self._pool.submit(self._read_group, view, extents[i::q], starts[i::q])
                        for i in range(q)]
-            for f in futures:
-                f.result()
+            # Every thread is done before a failure is raised: none may still be writing into
+            # the buffer the next read() hands out.
+            errors = [f.exception() for f in futures]
+            for e in errors:
+                if e is not None:
+                    raise e
         seconds = time.perf_counter() - t0
         buf = np.frombuffer(self._buf, dtype=np.uint8, count=total)
+        if self.checks is not None:
+            check_extents(self.checks, buf, starts, extents)
         return ReadResult(buf, starts, seconds, total, len(extents))

@@ -19,6 +19,7 @@ import tvm
 from tvm import relax
 
 from ..compile.build import build_graph, knobs_for
+from ..compile.ffn import VIEW_DTYPE, buffer_cols
 from ..compile.graph import FLASH_READ
 from ..compile.schedule import Knobs
 from ..layout.bundle import BundleSpec
@@ -85,8 +86,7 @@ def tvm_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np.
     vm = layer_vm(spec, knobs_for(spec, TARGET)[0])
     main, per_token = vm["main"], vm["ffn_bundles"]
     HOOK.bind(layout, reader, stats)
-    cols = spec.elems if spec.dtype == "fp16" else spec.bundle_bytes
-    view = np.float16 if spec.dtype == "fp16" else np.int8
+    cols, view = buffer_cols(spec), np.dtype(VIEW_DTYPE[spec.dtype])
 
     def ffn(layer: int, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape

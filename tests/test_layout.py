@@ -92,8 +92,8 @@ def test_encode_rejects_values_beyond_fp16_range():
 
 
 def test_unsupported_bundle_dtype_is_refused():
-    with pytest.raises(ValueError, match="q4"):
-        BundleSpec("swiglu", D, "q4", False)
+    with pytest.raises(ValueError, match="q8"):
+        BundleSpec("swiglu", D, "q8", False)
 
 
 # --- packing and reading back --------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Neuron placement: co-activation statistics, the greedy Hamiltonian path, local search,
 the strategies, and the `ripple place` -> `ripple pack --placement` round trip."""
+import itertools
 import json
 
 import numpy as np
@@ -9,8 +10,8 @@ from ripple.android_host.cli import main
 from ripple.tuning.coactivation import coactivation, int_distance
 from ripple.tuning.greedy_path import greedy_edges, greedy_path, sorted_edges
 from ripple.tuning.local_search import improve
-from ripple.tuning.placement import (STRATEGIES, SearchConfig, place, runs_per_token,
-                                     save_placement)
+from ripple.tuning.placement import (STRATEGIES, SearchConfig, place, runs_lower_bound,
+                                     runs_per_token, save_placement)
 from ripple.tuning.synthetic import SyntheticSpec, relu_layer
 
 # Dense counts over all pairs (Ripple as published) and K-nearest candidates with fragment
@@ -153,6 +154,22 @@ def test_planted_groups_come_out_contiguous(strategy, config):
     slots_of_group = [np.flatnonzero(group_of[perm] == g) for g in range(group_of.max() + 1)]
     for slots in slots_of_group:
         assert slots.max() - slots.min() + 1 == len(slots)
+
+
+@pytest.mark.parametrize("density", [0.03, 0.4])
+def test_no_order_needs_fewer_reads_than_the_lower_bound(density):
+    m = random_masks(96, 7, density, seed=3)
+    perms = itertools.permutations(range(7))    # every order of 7 neurons
+    best = min(runs_per_token(m, np.array(p)).mean() for p in perms)
+    bound = runs_lower_bound(m)
+    assert bound <= best + 1e-12
+    assert bound > 0.5 * best          # and it is not vacuous
+
+
+def test_lower_bound_is_below_the_search_fitted_on_the_same_tokens():
+    masks, _ = planted(tokens=200)
+    ours = runs_per_token(masks, STRATEGIES["ours"](masks, SearchConfig())).mean()
+    assert runs_lower_bound(masks) <= ours
 
 
 def test_place_rejects_an_unknown_strategy():

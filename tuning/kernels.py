@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import tvm
 
+from ..atomic_file import write_json
 from ..compile.build import build_sparse
 from ..compile.ffn import VIEW_DTYPE
 from ..compile.schedule import DEFAULT, SPACE, Knobs, valid
@@ -175,9 +176,7 @@ def metaschedule_status(timeout: float = 300.0, cache: bool = True) -> dict:
     status = {"works": outcome == "tuned", "outcome": outcome, "seconds": sec,
               "versions": versions, "stderr_tail": p.stderr.strip().splitlines()[-3:]}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(status, indent=1))
-    os.replace(tmp, path)
+    write_json(path, status)
     return status
 
 

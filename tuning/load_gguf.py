@@ -54,6 +54,23 @@ def dequantize(t: GGUFTensor) -> np.ndarray:
     return w.copy() if t.qtype == Q.F32 else w.astype(np.float32, copy=False)
 
 
+def ffn_q4_1_rows(path: str | os.PathLike, n_layers: int) -> list[dict[str, np.ndarray]]:
+    """Per layer, the FFN gate/up tensors the GGUF stores as Q4_1: {"gate", "up"} -> uint8
+    (d_ffn, d/32 * 20), row i = neuron i's row as 32-value blocks along the hidden dimension,
+    a view of the file. Tensors of another type are left out (they get quantized instead).
+    ffn_down is never here: its blocks run along its rows, across neurons, not down a column."""
+    tensors = gguf_tensors(path)
+    out = []
+    for i in range(n_layers):
+        got = {}
+        for part in ("gate", "up"):
+            t = tensors.get(f"blk.{i}.ffn_{part}.weight")
+            if t is not None and t.qtype == Q.Q4_1:
+                got[part] = t.raw
+        out.append(got)
+    return out
+
+
 def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo convert_hf_to_gguf.py's LlamaModel.permute, which interleaves the two rotary
     halves of each head (GGML's RoPE rotates adjacent pairs, HF's rotate_half rotates halves)."""

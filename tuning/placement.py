@@ -30,6 +30,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from ..atomic_file import atomic_write
+
 FORMAT = "ripple-placement-1"
 
 
@@ -149,6 +151,19 @@ def runs_per_token(masks: np.ndarray, perm: np.ndarray) -> np.ndarray:
     return m[:, 0].astype(np.int64) + (m[:, 1:] & ~m[:, :-1]).sum(axis=1, dtype=np.int64)
 
 
+def runs_lower_bound(masks: np.ndarray) -> float:
+    """Mean reads per token of these masks that no order of the neurons can beat, not even
+    one fitted on these very tokens. Summed over tokens, reads = active slots - C summed
+    over adjacent pairs, and in any order neuron i has at most two neighbours, so the
+    adjacent C sum is at most half the sum over i of its two largest C(i, j): the bound of
+    the degree-2 relaxation of the Hamiltonian path."""
+    from .coactivation import coactivation
+
+    masks = check_masks(masks)
+    top2 = coactivation(masks, 2, "joint", dense_budget_bytes=0).pair_counts
+    return (int(masks.sum()) - int(top2.sum(dtype=np.int64)) / 2) / masks.shape[0]
+
+
 def read_stats(layer_masks: Iterable[np.ndarray], perms: Iterable[np.ndarray]) -> dict:
     """Reads a token needs over all layers (mean over tokens) and active bundles per read."""
     per_layer, active, runs_total = [], 0, 0
@@ -164,18 +179,10 @@ def read_stats(layer_masks: Iterable[np.ndarray], perms: Iterable[np.ndarray]) -
 
 def save_placement(path: str | os.PathLike, p: Placement) -> None:
     """npz with `perm` (L, n) (what `ripple pack --placement` reads), `strategy`, `meta`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     meta = dict(p.meta, format=FORMAT, strategy=p.strategy, search_s=p.search_s.tolist())
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, perm=p.perm.astype(np.int64), strategy=np.array(p.strategy),
-                     meta=np.array(json.dumps(meta)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as f:
+        np.savez(f, perm=p.perm.astype(np.int64), strategy=np.array(p.strategy),
+                 meta=np.array(json.dumps(meta)))
 
 
 def place_cmd(profile: str, strategy: str, out: str, k: int = 32) -> dict:

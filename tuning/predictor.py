@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..atomic_file import atomic_write
 from .forward import FFN, TorchModel, ffn_output
 from .sparsity import scores
 
@@ -413,20 +414,13 @@ def predictor_path(path: str | os.PathLike) -> Path:
 
 def save_predictor(p: Predictor, path: str | os.PathLike) -> Path:
     path = predictor_path(path)
-    tmp = path.with_name(path.name + ".tmp")
     header = dict(format=FORMAT, sparsity=p.sparsity, criterion=p.criterion,
                   recall_target=p.recall_target, source_hash=p.source_hash,
                   activation=p.activation, n_layers=p.n_layers, d_model=p.d_model,
                   d_ffn=p.d_ffn, rank=p.rank, meta=p.meta)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, header=np.array(json.dumps(header)), a=p.a, a_bias=p.a_bias, b=p.b,
-                     b_bias=p.b_bias, thresholds=p.thresholds, score_thresholds=p.score_thresholds)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as f:
+        np.savez(f, header=np.array(json.dumps(header)), a=p.a, a_bias=p.a_bias, b=p.b,
+                 b_bias=p.b_bias, thresholds=p.thresholds, score_thresholds=p.score_thresholds)
     return path
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..atomic_file import atomic_write
 from .forward import TorchModel, ffn_output, forward
 from .sparsity import perplexity, scores, sparse_ffn, thresholds_for
 
@@ -159,21 +160,13 @@ def run_profile(tm: TorchModel, calib: list[np.ndarray], heldout: list[np.ndarra
 
 
 def save_profile(p: Profile, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     header = dict(format=FORMAT, criterion=p.criterion, sparsity=p.sparsity, d_ffn=p.d_ffn,
                   source_hash=p.source_hash, meta=p.meta)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, header=np.array(json.dumps(header)), grid=p.grid,
-                                grid_thresholds=p.grid_thresholds, grid_ppl=p.grid_ppl,
-                                thresholds=p.thresholds, masks_calib=p.masks_calib,
-                                masks_heldout=p.masks_heldout, **_optional_arrays(p))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as f:
+        np.savez_compressed(f, header=np.array(json.dumps(header)), grid=p.grid,
+                            grid_thresholds=p.grid_thresholds, grid_ppl=p.grid_ppl,
+                            thresholds=p.thresholds, masks_calib=p.masks_calib,
+                            masks_heldout=p.masks_heldout, **_optional_arrays(p))
 
 
 _OPTIONAL = ("tokens_calib", "tokens_heldout", "seq_lens_calib", "seq_lens_heldout",
