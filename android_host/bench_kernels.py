@@ -24,7 +24,7 @@ import numpy as np
 from ..atomic_file import save_figure
 
 FRACTIONS = (0.05, 0.1, 0.2, 0.5, 1.0)
-DTYPES = ("fp16", "int8", "q4")
+DTYPES = ("fp16", "int8", "q4", "q4d8")
 
 
 def register(bench_sub) -> None:

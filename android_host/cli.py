@@ -67,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=output_dir, help="output folder (model.rflash + manifest.json)")
     p.add_argument("--profile", help="profile from `ripple profile` (records sparsity and thresholds)")
     p.add_argument("--placement", help="placement file (.npz with perm[L, n]); default identity")
-    p.add_argument("--dtype", choices=["fp16", "int8", "q4"], default="fp16",
+    p.add_argument("--dtype", choices=["fp16", "int8", "q4", "q4d8"], default="fp16",
                    help="bundle encoding: fp16, int8 with a float32 scale per part of each bundle, "
-                        "or q4 (GGUF Q4_1 blocks of 32; a Q4_1 GGUF's gate/up blocks are copied)")
+                        "q4 (GGUF Q4_1 blocks of 32; a Q4_1 GGUF's gate/up blocks are copied), "
+                        "or q4d8 (q4's gate/up, the down column 8-bit with a float16 scale per 32)")
     p.set_defaults(run=_run_pack)
 
     p = sub.add_parser("place", help="order each layer's neurons so that co-firing ones sit together")
@@ -105,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write text and per-token metrics here")
     p.add_argument("--verify", action="store_true",
                    help="check every block read against its CRC from `ripple pack` (costs CPU per byte read)")
+    p.add_argument("--no-measure-misses", action="store_true",
+                   help="predicted sets: do not score the oracle beside the engine (no missed/extra "
+                        "figures), so no FFN weight is held in DRAM")
+    p.add_argument("--non-ffn-dtype", choices=["bf16", "fp32"], default="bf16",
+                   help="storage of attention and embedding/LM-head weights (default bf16)")
     p.set_defaults(run=_run_generate)
 
     p = sub.add_parser("probe", help="measure a device (storage latency table) into a device profile")
@@ -133,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", help="tuning database (default build/tuning/kernels-TARGET.json)")
     p.add_argument("--layout", help="tune for this layout's shape (default: the model's)")
     p.add_argument("--model", help=model_help)
-    p.add_argument("--dtype", nargs="+", choices=["fp16", "int8", "q4"], default=["fp16", "int8"])
+    p.add_argument("--dtype", nargs="+", choices=["fp16", "int8", "q4", "q4d8"], default=["fp16", "int8"])
     p.add_argument("--json", help="also write the summary here")
     p.set_defaults(run=_run_tune_kernels)
 
@@ -177,7 +183,12 @@ def _print_generation(r: dict) -> None:
     print(f"median per token: {s['token_ms_median']:.1f} ms ({s['io_ms_median']:.1f} ms I/O, "
           f"{s['compute_ms_median']:.1f} ms compute); {s['bytes_read_median'] / 1e6:.2f} MB read, "
           f"{s['bytes_needed_median'] / 1e6:.2f} MB needed, {s['reads_median']:.0f} reads")
-    if io["sets"] == "predicted":
+    res = r.get("resident")
+    if res:
+        print(f"DRAM held by the engine: {res['total'] / 1e6:.1f} MB ({res['non_ffn_weights'] / 1e6:.1f} non-FFN "
+              f"weights, {res['ffn_weights_dram_copy'] / 1e6:.1f} FFN copy, {res['predictor'] / 1e6:.1f} "
+              f"predictor, {res['ffn_cache'] / 1e6:.1f} cache, {res['kv_cache'] / 1e6:.1f} KV)")
+    if io["sets"] == "predicted" and io.get("misses_measured", True):
         print(f"vs the oracle set (computed beside, for measurement): {s['missed_per_token_mean']:.0f} "
               f"neurons missed and {s['extra_bytes_per_token_mean'] / 1e6:.2f} MB read extra per token")
 
@@ -225,7 +236,8 @@ def _run_generate(args) -> None:
     from . import interface as api
     _print_generation(api.generate_cmd(args.layout, args.model, args.prompt, args.tokens, args.sparsity,
                                        args.queue_depth, not args.no_chat, not args.buffered, args.json,
-                                       args.backend, args.sets, args.predictor, args.verify))
+                                       args.backend, args.sets, args.predictor, args.verify,
+                                       not args.no_measure_misses, args.non_ffn_dtype))
 
 
 def _run_devices(args) -> None:

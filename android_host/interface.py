@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..atomic_file import write_json
-from ..layout.bundle import BundleSpec
+from ..layout.bundle import BLOCK_DTYPES, BundleSpec
 from ..layout.pack import write_layout
 from ..layout.quantization import QuantizationReport, encode_layer
 from ..layout.reader import block_checks, check_source, describe, open_layout, verify_layout
@@ -75,8 +76,8 @@ def pack_cmd(model: str | None, out_dir: str, profile: str | None = None,
         [np.arange(desc.d_ffn) for _ in range(desc.n_layers)]
     meta["placement"] = placement or "identity"
     spec = BundleSpec(desc.activation, desc.d_model, dtype, desc.layers[0].b_up is not None)
-    # q4 from a GGUF: its Q4_1 gate/up rows go into the bundles as they are (no second rounding).
-    blocks = ffn_q4_1_rows(path, desc.n_layers) if dtype == "q4" and Path(path).suffix == ".gguf" \
+    # q4/q4d8 from a GGUF: its Q4_1 gate/up rows go into the bundles as they are (no second rounding).
+    blocks = ffn_q4_1_rows(path, desc.n_layers) if dtype in BLOCK_DTYPES and Path(path).suffix == ".gguf" \
         else [{} for _ in desc.layers]
     report, quantization = QuantizationReport(dtype), {}
 
@@ -125,14 +126,20 @@ def inspect_cmd(path: str, verify: bool = False) -> dict:
     return info
 
 
+NON_FFN_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What is flash memory?",
                  tokens: int = 16, sparsity: float | None = None, queue_depth: int = 32,
                  chat: bool = True, o_direct: bool = True, json_out: str | None = None,
                  backend: str = "torch", sets: str | None = None, predictor: str | None = None,
-                 verify: bool = False) -> dict:
+                 verify: bool = False, measure_misses: bool = True, non_ffn_dtype: str = "bf16") -> dict:
     """sets: "predicted" (default when the layout folder holds predictor.npz, or --predictor is
     given) or "oracle" (true sets computed beside the engine; measurement only).
-    verify: check every block read against its CRC (layout.block_crc; costs CPU per byte read)."""
+    verify: check every block read against its CRC (layout.block_crc; costs CPU per byte read).
+    measure_misses: with predicted sets, score the oracle beside the engine (missed neurons,
+    extra bytes); off, no FFN weight is kept in DRAM. non_ffn_dtype: "bf16" or "fp32" storage
+    of attention and embedding/LM-head matrices (tuning.forward.to_torch)."""
     if tokens < 1:
         raise ValueError(f"--tokens {tokens}: must be at least 1")
     path = model or default_model_path()
@@ -151,7 +158,9 @@ def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What 
         thresholds = thresholds_at(meta["grid"], meta["grid_thresholds"], sparsity)
     label, policy = set_policy(layout, desc, sparsity, sets, predictor)
     tok = load_tokenizer(path)
-    tm = to_torch(desc)
+    tm = to_torch(desc, NON_FFN_DTYPES[non_ffn_dtype], ffn=label == "oracle" or measure_misses)
+    n_neurons = desc.n_layers * desc.d_ffn
+    del desc             # tm holds what the engine needs; the float32 arrays of the rest go
     if chat and getattr(tok, "chat_template", None):
         ids = list(tok.apply_chat_template([{"role": "user", "content": prompt}],
                                            add_generation_prompt=True, tokenize=True, return_dict=False))
@@ -160,8 +169,8 @@ def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What 
     checks = block_checks(layout) if verify else None
     with FlashReader(layout.path, queue_depth, o_direct, checks=checks) as reader:
         gen = generate(tm, layout, reader, thresholds, meta.get("criterion", "coef"), ids, tokens, tok,
-                       backend, policy)
-        rep = report(gen, reader, desc.n_layers * desc.d_ffn, label)
+                       backend, policy, measure_misses=measure_misses)
+        rep = report(gen, reader, n_neurons, label)
     out = {"model": str(path), "layout": str(layout.path), "sparsity": sparsity, "prompt": prompt,
            "text": gen.text, "tokens": gen.tokens, **rep}
     if json_out:

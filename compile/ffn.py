@@ -10,6 +10,8 @@ k bundles, viewed as
   q4:   (k, bundle_bytes) uint8 - each part as d/32 GGUF Q4_1 blocks (fp16 step, fp16 minimum,
         16 bytes of nibbles), then the float32 up bias; the kernel unpacks the nibbles and the
         block's step and minimum in place (value = step * q + minimum).
+  q4d8: (k, bundle_bytes) uint8 - gate/up as q4's, the down column as d int8 values then d/32
+        float16 scales (layout.q8): the int8 kernel's down part with a scale per 32 outputs.
 y = W_down[:, active] @ act(active rows of W_up/W_gate @ x), without b_down (the engine adds it).
 
 Dense kernel (the baseline it is compared with): the whole FFN from matrices in their usual
@@ -21,12 +23,12 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from ..layout import q4
+from ..layout import q4, q8
 from ..layout.bundle import BundleSpec
 
 _I64 = "int64"
 # Which storage dtype a bundle's values are read as, per layout dtype.
-VIEW_DTYPE = {"fp16": "float16", "int8": "int8", "q4": "uint8"}
+VIEW_DTYPE = {"fp16": "float16", "int8": "int8", "q4": "uint8", "q4d8": "uint8"}
 
 
 def _i64(v: int):
@@ -62,7 +64,7 @@ def sparse_ffn(spec: BundleSpec) -> tirx.PrimFunc:
     if spec.dtype not in VIEW_DTYPE:
         raise ValueError(f"no kernel for bundle dtype {spec.dtype!r}; kernels exist for "
                          f"{sorted(VIEW_DTYPE)}")
-    if spec.dtype == "q4":
+    if spec.dtype in ("q4", "q4d8"):
         return _sparse_ffn_q4(spec)
     d, P = spec.d_model, gemv_parts(spec)
     k = te.var("k", dtype=_I64)
@@ -115,7 +117,8 @@ def sparse_ffn(spec: BundleSpec) -> tirx.PrimFunc:
 def _sparse_ffn_q4(spec: BundleSpec) -> tirx.PrimFunc:
     """sparse_ffn on Q4_1 blocks. Per block b of a part: sum_c (d_b q_c + m_b) x_c
     = sum_c d_b q_c x_c + m_b xsum_b: the up GEMV is step * nibble * x (the step is one
-    broadcast per 16-lane vector), the minimums meet a precomputed block sum of x."""
+    broadcast per 16-lane vector), the minimums meet a precomputed block sum of x.
+    q4d8: the same up part; the down column is 8-bit (_down_q8)."""
     d, P, pb = spec.d_model, gemv_parts(spec), spec.part_bytes
     nb = d // q4.BLOCK
     k = te.var("k", dtype=_I64)
@@ -148,10 +151,12 @@ def _sparse_ffn_q4(spec: BundleSpec) -> tirx.PrimFunc:
             return g * te.sigmoid(g) * (gu[i, 1] + gm[i, 1])
         u = gu[i, 0] + gm[i, 0]
         if spec.has_up_bias:
-            u = u + _side_f32(W, i, len(spec.parts) * pb)
+            u = u + _side_f32(W, i, sum(spec.part_sizes))
         return te.max(u, tirx.const(0.0, "float32"))
 
     act = te.compute((k,), act_fn, name="act")
+    if spec.dtype == "q4d8":
+        return _down_q8(spec, k, x, W, act)
     # Down: y_j = sum_i act_i (d_ib q_ij + m_ib), b = j/32. The step is folded into the
     # coefficient once per (neuron, block), the minimum into a per-block sum over neurons.
     ad = te.compute((k, NB), lambda i, b: act[i] * _f16(W, i, block_at(P, b)), name="ad")
@@ -161,6 +166,19 @@ def _sparse_ffn_q4(spec: BundleSpec) -> tirx.PrimFunc:
     ri = te.reduce_axis((0, k), name="ri")
     yq = te.compute((D,), lambda j: te.sum(ad[ri, j // B] * nibble(ri, P, j), axis=ri), name="y")
     y = te.compute((D,), lambda j: yq[j] + am[j // B], name="y_min")
+    return te.create_prim_func([x, W, y]).with_attr("global_symbol", "main")
+
+
+def _down_q8(spec: BundleSpec, k, x, W, act) -> tirx.PrimFunc:
+    """y_j = sum_i act_i s_ib q_ij, b = j/32: each block's scale is folded into the coefficient
+    once per (neuron, block), as the int8 kernel folds its one scale per column."""
+    d, at = spec.d_model, spec.part_offsets[-1]
+    D, NB, B = _i64(d), _i64(d // q8.BLOCK), _i64(q8.BLOCK)
+    ad = te.compute((k, NB), lambda i, b: act[i] * _f16(W, i, _i64(at + d) + b * _i64(2)), name="ad")
+    ri = te.reduce_axis((0, k), name="ri")
+    y = te.compute((D,), lambda j: te.sum(
+        ad[ri, j // B] * tirx.reinterpret("int8", W[ri, _i64(at) + j]).astype("float32"), axis=ri),
+        name="y")
     return te.create_prim_func([x, W, y]).with_attr("global_symbol", "main")
 
 

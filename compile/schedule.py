@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, fields
 
 from tvm import s_tir
 
+from ..layout import q8
 from ..layout.bundle import BundleSpec
 
 
@@ -68,9 +69,9 @@ def schedule_sparse(func, spec: BundleSpec, knobs: Knobs = DEFAULT):
     if not valid(knobs, spec.d_model):
         raise ValueError(f"knobs {knobs} do not fit d_model {spec.d_model}")
     sch = s_tir.Schedule(func)
-    run = Q4_RUN if spec.dtype == "q4" else None
+    run = Q4_RUN if spec.dtype in ("q4", "q4d8") else None
     _up_gemv(sch, "gu", knobs, n_outer=2, run=run)
-    _down(sch, knobs, run=run)
+    _down(sch, knobs, run=Q8_RUN if spec.dtype == "q4d8" else run)
     if spec.dtype == "q4":
         _q4_minimums(sch)
     return sch.mod
@@ -81,6 +82,9 @@ def schedule_sparse(func, spec: BundleSpec, knobs: Knobs = DEFAULT):
 # emits as a gather: measured on d=576, k=307, 2 cores: 145 us with 32-lane down vectors vs
 # 85 us as two unrolled 16-lane vectors. Wider lanes/down_vec knobs are unrolled runs of 16.
 Q4_RUN = 16
+# q4d8's down column: int8 values in one contiguous run, a scale per 32 outputs. A vector
+# within one block multiplies by one broadcast coefficient; a wider one is unrolled blocks.
+Q8_RUN = q8.BLOCK
 
 
 def _vectorize_runs(sch, loop, width: int, run: int | None) -> None:

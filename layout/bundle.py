@@ -12,6 +12,11 @@ q4 bundles: each part as d_model/32 blocks in GGUF's Q4_1 byte format (layout.q4
 fp16 minimum, 16 bytes of nibbles; 20 bytes per 32 values along the hidden dimension), then
 the up bias as float32. A GGUF's Q4_1 gate/up rows are such blocks already and are copied in
 unchanged (bundles_from_q4_parts). A gathered buffer of k q4 bundles is (k, bundle_bytes) uint8.
+
+q4d8 bundles: gate/up as q4's (Q4_1 blocks, a GGUF's copied), the down column 8-bit (layout.q8:
+d int8 values, then a float16 scale per 32), then the up bias as float32. Requantizing the down
+column to Q4_1 is what costs q4 its perplexity (SmolLM2-135M: +32% over the GGUF's weights;
+8-bit blocks +1.6%), for 252 more bytes per bundle (1332 vs 1080 at d=576).
 """
 from __future__ import annotations
 
@@ -19,13 +24,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import q4
+from . import q4, q8
 
 ACTIVATIONS = ("swiglu", "relu")
 
 # Bytes of one stored value, per encoding (q4: per 32 values, see q4.BLOCK_BYTES); everything
 # else sizes itself from bundle_bytes.
-_VALUE_BYTES = {"fp16": 2, "int8": 1, "q4": None}
+_VALUE_BYTES = {"fp16": 2, "int8": 1, "q4": None, "q4d8": None}
+# Encodings made of blocks of 32 along the hidden dimension (gate/up parts as Q4_1 blocks).
+BLOCK_DTYPES = ("q4", "q4d8")
 
 # Explicit little-endian: the file is read as is by kernels on ARM and x86 alike.
 _FP16 = np.dtype("<f2")
@@ -56,8 +63,8 @@ class BundleSpec:
                              f"supported: {sorted(_VALUE_BYTES)}")
         if self.has_up_bias and self.activation != "relu":
             raise ValueError("only relu (OPT-style) bundles carry an up bias")
-        if self.dtype == "q4" and self.d_model % q4.BLOCK:
-            raise ValueError(f"q4 bundles quantize blocks of {q4.BLOCK} values along the hidden "
+        if self.dtype in BLOCK_DTYPES and self.d_model % q4.BLOCK:
+            raise ValueError(f"{self.dtype} bundles quantize blocks of {q4.BLOCK} values along the hidden "
                              f"dimension; d_model {self.d_model} is not a multiple of {q4.BLOCK}, "
                              f"use --dtype int8 or fp16")
 
@@ -73,22 +80,35 @@ class BundleSpec:
     @property
     def side_floats(self) -> int:
         """float32 side data after the values: int8 keeps a scale per part and the bias there,
-        q4 the bias (its scales sit in its blocks)."""
+        q4/q4d8 the bias (their scales sit in their blocks)."""
         if self.dtype == "int8":
             return len(self.parts) + int(self.has_up_bias)
-        return int(self.has_up_bias) if self.dtype == "q4" else 0
+        return int(self.has_up_bias) if self.dtype in BLOCK_DTYPES else 0
 
     @property
     def part_bytes(self) -> int:
-        """Bytes of one part (a gate/up row or a down column) in the bundle."""
-        if self.dtype == "q4":
+        """Bytes of one gate/up row in the bundle (and of the down column, but for q4d8:
+        part_sizes)."""
+        if self.dtype in BLOCK_DTYPES:
             return q4.row_bytes(self.d_model)
         return self.d_model * _VALUE_BYTES[self.dtype]
 
     @property
+    def part_sizes(self) -> tuple[int, ...]:
+        """Bytes of each part, in `parts` order."""
+        if self.dtype == "q4d8":
+            return (self.part_bytes,) * (len(self.parts) - 1) + (q8.row_bytes(self.d_model),)
+        return (self.part_bytes,) * len(self.parts)
+
+    @property
+    def part_offsets(self) -> tuple[int, ...]:
+        """Byte offset of each part in the bundle, in `parts` order."""
+        return tuple(int(o) for o in np.cumsum((0,) + self.part_sizes[:-1]))
+
+    @property
     def bundle_bytes(self) -> int:
-        if self.dtype == "q4":
-            return len(self.parts) * self.part_bytes + 4 * self.side_floats
+        if self.dtype in BLOCK_DTYPES:
+            return sum(self.part_sizes) + 4 * self.side_floats
         if self.side_floats:
             return len(self.parts) * self.d_model * _VALUE_BYTES[self.dtype] + 4 * self.side_floats
         return self.elems * _VALUE_BYTES[self.dtype]
@@ -211,24 +231,26 @@ def _decode_int8(spec: BundleSpec, raw: np.ndarray) -> Bundles:
 
 def bundles_from_q4_parts(spec: BundleSpec, parts: dict[str, np.ndarray],
                           up_bias: np.ndarray | None = None) -> np.ndarray:
-    """q4 bundles from parts already in Q4_1 blocks: uint8 (n, spec.bundle_bytes).
+    """q4 / q4d8 bundles from parts already encoded: uint8 (n, spec.bundle_bytes).
 
-    parts: name -> uint8 (n, spec.part_bytes), e.g. a GGUF's Q4_1 ffn_gate/ffn_up rows as they
-    lie in the file (copied, not re-rounded) and q4.quantize_rows of the down columns."""
-    if spec.dtype != "q4":
-        raise ValueError(f"bundles_from_q4_parts builds q4 bundles, the spec is {spec.dtype}")
+    parts: name -> uint8 (n, its spec.part_sizes entry): Q4_1 rows, e.g. a GGUF's ffn_gate/ffn_up
+    rows as they lie in the file (copied, not re-rounded); the down columns as q4.quantize_rows
+    (q4) or q8.quantize_rows (q4d8)."""
+    if spec.dtype not in BLOCK_DTYPES:
+        raise ValueError(f"bundles_from_q4_parts builds {' or '.join(BLOCK_DTYPES)} bundles, "
+                         f"the spec is {spec.dtype}")
     if set(parts) != set(spec.parts):
         raise ValueError(f"parts must be exactly {spec.parts}, got {sorted(parts)}")
-    pb = spec.part_bytes
     n = None
-    for name in spec.parts:
+    for name, size in zip(spec.parts, spec.part_sizes):
         a = parts[name]
         ok = isinstance(a, np.ndarray) and a.dtype == np.uint8 and a.ndim == 2 \
-            and a.shape[1] == pb and a.shape[0] == (a.shape[0] if n is None else n)
+            and a.shape[1] == size and a.shape[0] == (a.shape[0] if n is None else n)
         if not ok:
             got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
-            raise ValueError(f"{name} must be Q4_1 blocks, uint8 ({'n' if n is None else n}, "
-                             f"{pb}), got {got}")
+            form = "8-bit blocks" if spec.dtype == "q4d8" and name == "down" else "Q4_1 blocks"
+            raise ValueError(f"{name} must be {form}, uint8 ({'n' if n is None else n}, "
+                             f"{size}), got {got}")
         n = a.shape[0]
     if spec.has_up_bias:
         if up_bias is None or np.shape(up_bias) != (n,):
@@ -237,35 +259,43 @@ def bundles_from_q4_parts(spec: BundleSpec, parts: dict[str, np.ndarray],
     elif up_bias is not None:
         raise ValueError("this BundleSpec has has_up_bias=False; pass up_bias=None")
     out = np.empty((n, spec.bundle_bytes), dtype=np.uint8)
-    for i, name in enumerate(spec.parts):
-        out[:, i * pb:(i + 1) * pb] = parts[name]
+    for name, at, size in zip(spec.parts, spec.part_offsets, spec.part_sizes):
+        out[:, at:at + size] = parts[name]
+    end = sum(spec.part_sizes)
     if spec.has_up_bias:
         with np.errstate(over="ignore", invalid="ignore"):
             bias = np.asarray(up_bias).astype(_F32)
         if not np.isfinite(bias).all():
             raise ValueError("up_bias holds NaN or inf (or values beyond float32); "
-                             "q4 bundles cannot store them")
-        out[:, len(spec.parts) * pb:] = bias.reshape(n, 1).view(np.uint8)
+                             f"{spec.dtype} bundles cannot store them")
+        out[:, end:] = bias.reshape(n, 1).view(np.uint8)
     return out
+
+
+def part_codec(spec: BundleSpec, name: str):
+    """The module (q4 or q8) whose quantize_rows / dequantize_rows / row_bytes encode part
+    `name` of a q4 or q4d8 bundle."""
+    return q8 if spec.dtype == "q4d8" and name == "down" else q4
 
 
 def _encode_q4(spec: BundleSpec, parts: dict, up_bias) -> np.ndarray:
     blocks = {}
     for name in spec.parts:
         try:
-            blocks[name] = q4.quantize_rows(parts[name])
+            blocks[name] = part_codec(spec, name).quantize_rows(parts[name])
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
     return bundles_from_q4_parts(spec, blocks, up_bias)
 
 
 def _decode_q4(spec: BundleSpec, raw: np.ndarray) -> Bundles:
-    d, pb, names = spec.d_model, spec.part_bytes, spec.parts
-    got = {name: q4.dequantize_rows(raw[:, i * pb:(i + 1) * pb], d) for i, name in enumerate(names)}
-    bias = (np.ascontiguousarray(raw[:, len(names) * pb:]).view(_F32)[:, 0].astype(np.float32)
+    d = spec.d_model
+    got = {name: part_codec(spec, name).dequantize_rows(raw[:, at:at + size], d)
+           for name, at, size in zip(spec.parts, spec.part_offsets, spec.part_sizes)}
+    bias = (np.ascontiguousarray(raw[:, sum(spec.part_sizes):]).view(_F32)[:, 0].astype(np.float32)
             if spec.has_up_bias else None)
     return Bundles(up=got["up"], down_t=got["down"], gate=got.get("gate"), up_bias=bias)
 
 
-_ENCODE = {"fp16": _encode_fp16, "int8": _encode_int8, "q4": _encode_q4}
-_DECODE = {"fp16": _decode_fp16, "int8": _decode_int8, "q4": _decode_q4}
+_ENCODE = {"fp16": _encode_fp16, "int8": _encode_int8, "q4": _encode_q4, "q4d8": _encode_q4}
+_DECODE = {"fp16": _decode_fp16, "int8": _decode_int8, "q4": _decode_q4, "q4d8": _decode_q4}

@@ -41,8 +41,8 @@ HEADER_BYTES = 4096
 MIN_ALIGNMENT = 512
 
 ACTIVATION_CODES = {"swiglu": 1, "relu": 2}
-# q4: GGUF Q4_1 blocks (layout.q4).
-DTYPE_CODES = {"fp16": 1, "int8": 2, "q4": 3}
+# q4: GGUF Q4_1 blocks (layout.q4); q4d8: Q4_1 gate/up, 8-bit down (layout.q8).
+DTYPE_CODES = {"fp16": 1, "int8": 2, "q4": 3, "q4d8": 4}
 
 _FLAG_UP_BIAS = 1
 _STRUCT = struct.Struct("<8sIIHHIIIIIIIQQ16sI")

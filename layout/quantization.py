@@ -5,7 +5,8 @@ error reported is what the bundles add on top of the checkpoint. q4 from a GGUF 
 tensors are Q4_1 blocks of 32 along the hidden dimension: those blocks become the bundle's
 gate/up parts byte for byte (error 0, no second rounding). Down columns run across the GGUF's
 blocks (a block is 32 consecutive values of a row of W_down, i.e. 32 neurons), so they are
-quantized again from the dequantized weights; that error is measured here.
+quantized again from the dequantized weights; that error is measured here. q4d8 carries the
+same gate/up blocks and quantizes the down columns to 8 bits (layout.q8) instead.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import q4
-from .bundle import BundleSpec, bundles_from_q4_parts, decode_bundles, encode_bundles
+from .bundle import (BLOCK_DTYPES, BundleSpec, bundles_from_q4_parts, decode_bundles,
+                     encode_bundles, part_codec)
 
 VERBATIM = "gguf Q4_1 blocks, copied"
 ENCODED = "encoded from the source weights"
@@ -27,8 +29,9 @@ class PartError:
     max_abs: float = 0.0
     sq_err: float = 0.0
     sq_ref: float = 0.0
-    # q4 only: max |error| / (step/2), step = the block's stored float16 step. Quantization
-    # proper is within 1; float16 rounding of the stored step and minimum can add ~1e-2.
+    # q4/q4d8 only: max |error| / (step/2), step = the block's stored float16 step (q4d8 down:
+    # its scale). Quantization proper is within 1; float16 rounding of a Q4_1 block's stored
+    # step and minimum can add ~1e-2.
     max_over_half_step: float | None = None
 
     def add(self, got: np.ndarray, want: np.ndarray, half_step: np.ndarray | None = None) -> None:
@@ -74,22 +77,26 @@ def encode_layer(spec: BundleSpec, w_up: np.ndarray, w_down: np.ndarray,
                  report: QuantizationReport | None = None) -> np.ndarray:
     """One layer's bundles, uint8 (n, spec.bundle_bytes), in neuron order.
 
-    w_up, w_gate (n, d), w_down (d, n): float weights. q4_blocks (q4 only): part name ->
+    w_up, w_gate (n, d), w_down (d, n): float weights. q4_blocks (q4, q4d8): part name ->
     uint8 (n, spec.part_bytes) Q4_1 rows to carry unchanged (a GGUF's gate/up); their floats
     must be those blocks' dequantization. report: accumulates each part's error."""
     down_t = np.ascontiguousarray(w_down.T)
     floats = {"gate": w_gate, "up": w_up, "down": down_t}
     q4_blocks = q4_blocks or {}
-    if q4_blocks and spec.dtype != "q4":
-        raise ValueError(f"Q4_1 blocks can only be carried into q4 bundles, not {spec.dtype}")
-    if spec.dtype == "q4":
+    if q4_blocks and spec.dtype not in BLOCK_DTYPES:
+        raise ValueError(f"Q4_1 blocks can only be carried into {' or '.join(BLOCK_DTYPES)} "
+                         f"bundles, not {spec.dtype}")
+    if spec.dtype == "q4d8" and "down" in q4_blocks:
+        raise ValueError("q4d8 bundles hold the down column in 8 bits; pass Q4_1 blocks for "
+                         "gate/up only")
+    if spec.dtype in BLOCK_DTYPES:
         parts = {}
         for name in spec.parts:
             if name in q4_blocks:
                 parts[name] = q4_blocks[name]
                 continue
             try:
-                parts[name] = q4.quantize_rows(floats[name])
+                parts[name] = part_codec(spec, name).quantize_rows(floats[name])
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
         raw = bundles_from_q4_parts(spec, parts, b_up)
@@ -97,14 +104,15 @@ def encode_layer(spec: BundleSpec, w_up: np.ndarray, w_down: np.ndarray,
         raw = encode_bundles(spec, w_up, down_t, w_gate, b_up)
     if report is not None:
         got = decode_bundles(spec, raw)
-        for i, name in enumerate(spec.parts):
+        for name, at, size in zip(spec.parts, spec.part_offsets, spec.part_sizes):
             part = report.parts.setdefault(
                 name, PartError(VERBATIM if name in q4_blocks else ENCODED))
             if part.source != (VERBATIM if name in q4_blocks else ENCODED):
                 part.source = "mixed: some layers copied, some encoded"
             half = None
-            if spec.dtype == "q4":
-                pb = spec.part_bytes
-                half = q4.steps(raw[:, i * pb:(i + 1) * pb], spec.d_model)[0] / 2
+            if spec.dtype in BLOCK_DTYPES:
+                codec = part_codec(spec, name)
+                step = codec.steps(raw[:, at:at + size], spec.d_model)
+                half = (step[0] if codec is q4 else step) / 2
             part.add(getattr(got, "down_t" if name == "down" else name), floats[name], half)
     return raw

@@ -6,8 +6,9 @@ gate/up weights (a phone cannot: it would need those weights in DRAM), or `predi
 set policy (tuning.predictor) from the layer input alone. With predicted sets the engine
 reads the predicted bundles, then keeps the neurons whose true score, computed from the gate/up
 rows just read, clears the threshold: a false positive costs a read, a false negative a
-dropped neuron. The oracle is then computed beside it for measurement only (missed neurons,
-extra bytes per token).
+dropped neuron. The oracle is computed beside it for measurement only (missed neurons, extra
+bytes per token) when `measure_misses` is on; off, no FFN weight is held in DRAM at all.
+runtime_py.resident sums what the engine holds (Generation.resident).
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..layout.bundle import decode_bundles
 from ..layout.reader import Layout
 from ..tuning.forward import FFN, TorchModel, forward, new_cache
 from ..tuning.sparsity import scores
+from .bundle_tensors import decode_tensors
 from .planner import Plan, plan_reads
 from .reader import FlashReader, ReadResult
+from .resident import resident_bytes
 
 SETS = "oracle"
 SET_POLICIES = ("oracle", "predicted")
@@ -56,26 +58,49 @@ def gather(res: ReadResult, plan: Plan, region_offset: int, bundle_bytes: int,
     return out.reshape(k, bundle_bytes)
 
 
+GEMV_PARTS = ("gate", "up")        # the parts every read bundle needs (ReLU bundles: up only)
+
+
+class FFNWeightsAbsent(ValueError):
+    """The oracle set was asked of a model built without FFN weights in DRAM."""
+
+
 def flash_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np.ndarray,
-              criterion: str, stats: IOStats, sets=None, planner=None, store=None) -> FFN:
+              criterion: str, stats: IOStats, sets=None, planner=None, store=None,
+              measure_misses: bool = True) -> FFN:
     """sets: None for the oracle, or a set policy (layer, h) -> predicted mask.
     planner: None (one read per run) or (slots, region_offset, bundle_bytes, align) -> Plan,
     e.g. runtime_py.strategies.layer_planner (access collapse from a device profile).
-    store: None or a runtime_py.cache.BundleStore: bundles it holds are not read."""
+    store: None or a runtime_py.cache.BundleStore: bundles it holds are not read.
+    measure_misses: with predicted sets, also score the oracle set (from the DRAM copy of the
+    FFN weights) to count missed neurons and extra bytes; off, the engine needs no FFN weight
+    in DRAM (tuning.forward.to_torch(..., ffn=False)) and stats.missed/extra_bytes stay 0."""
     spec, bb = layout.spec, layout.spec.bundle_bytes
     swiglu = tm.desc.activation == "swiglu"
+    n = tm.desc.d_ffn
+
+    def oracle(layer: int, hf: torch.Tensor) -> torch.Tensor:
+        if float(thresholds[layer]) < 0:       # below every score (sparsity.ALL_ACTIVE): dense
+            return torch.ones(hf.shape[0], n, dtype=torch.bool)
+        if tm.layers[layer]["w_up"] is None:
+            raise FFNWeightsAbsent("oracle sets score every neuron from the FFN weights in DRAM, and this "
+                                   "model was built without them; use predicted sets, or to_torch(ffn=True)")
+        return scores(tm, layer, hf, criterion)[1] > float(thresholds[layer])   # (tokens, n)
 
     def ffn(layer: int, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
         hf = h.reshape(-1, shape[-1])
-        _, score = scores(tm, layer, hf, criterion)          # the oracle
-        mask = score > float(thresholds[layer])              # (tokens, n)
+        measured = sets is None or measure_misses
+        mask = oracle(layer, hf) if measured else None
         want = mask if sets is None else sets(layer, hf)
-        wanted = np.flatnonzero(want.any(0).numpy())
-        hit = store.access(layer, wanted) if store is not None else np.zeros(len(wanted), bool)
+        want_any = want.any(0).numpy()
+        wanted = np.flatnonzero(want_any)
+        hit = store.access(layer, wanted) if store is not None else None
         # Taken before `keep`: admitting this step's misses may evict a bundle that just hit.
-        hit_rows = store.rows(layer, wanted[hit]) if hit.any() else None
-        slots = np.sort(layout.slot_of[layer][wanted[~hit]])
+        any_hit = hit is not None and hit.any()
+        hit_rows = store.rows(layer, wanted[hit]) if any_hit else None
+        miss = wanted[~hit] if any_hit else wanted
+        slots = np.sort(layout.slot_of[layer][miss])
         region = int(layout.region_offsets[layer])
         plan = (planner or plan_reads)(slots, region, bb, layout.alignment)
         res = reader.read(plan.extents)
@@ -86,21 +111,31 @@ def flash_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: n
         if hit_rows is not None:
             rows = np.concatenate((rows, hit_rows))
             read_ids = np.concatenate((read_ids, wanted[hit]))
-        b = decode_bundles(spec, rows)
+        # Down columns only of neurons some token keeps (with predicted sets ~45% of those read).
+        b = decode_tensors(spec, rows, GEMV_PARTS)
         ids = torch.from_numpy(read_ids)
-        up = hf @ torch.from_numpy(b.up).T
+        if b.gate_up is not None:          # one GEMV over gate and up rows: (T, k, P)
+            gu = (hf @ b.gate_up.reshape(-1, hf.shape[-1]).T).view(hf.shape[0], -1, b.gate_up.shape[1])
+            up, gate = gu[..., -1], (gu[..., 0] if swiglu else None)
+        else:
+            up, gate = hf @ b.up.T, (hf @ b.gate.T if swiglu else None)
         if b.up_bias is not None:
-            up = up + torch.from_numpy(b.up_bias)
-        gate = F.silu(hf @ torch.from_numpy(b.gate).T) if swiglu else None
+            up = up + b.up_bias
+        gate = F.silu(gate) if swiglu else None
         coef = gate * up if swiglu else F.relu(up)
         # Prompt steps read the union of their tokens' sets; each token keeps only its own.
-        keep = mask[:, ids]
-        if sets is not None:
+        if sets is None:
+            keep = mask[:, ids]
+        else:
             own = (gate.abs() if criterion == "gate" else coef.abs()) > float(thresholds[layer])
             keep = want[:, ids] & own
-            stats.missed += int((mask & ~want).sum())
-            stats.extra_bytes += int((want.any(0) & ~mask.any(0)).sum()) * bb
-        y = (coef * keep) @ torch.from_numpy(b.down_t)
+            if measure_misses:
+                stats.missed += int((mask & ~want).sum())
+                stats.extra_bytes += int((want_any & ~mask.any(0).numpy()).sum()) * bb
+        used = np.flatnonzero(keep.any(0).numpy())
+        down_t = (b.down_t[used] if b.down_t is not None else
+                  decode_tensors(spec, rows[used], ("down",)).down_t)
+        y = (coef[:, used] * keep[:, used]) @ down_t
         b_down = tm.layers[layer]["b_down"]
         if b_down is not None:
             y = y + b_down
@@ -122,6 +157,8 @@ class Generation:
     prefill_seconds: float
     steps: list[IOStats] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
+    resident: dict = field(default_factory=dict)      # runtime_py.resident.resident_bytes at the end
+    misses_measured: bool = True                      # predicted sets scored against the oracle
 
 
 def ffn_backend(backend: str):
@@ -139,9 +176,10 @@ BACKENDS = ("torch", "tvm")
 
 def generate(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np.ndarray,
              criterion: str, prompt_ids: list[int], n_tokens: int, tokenizer=None,
-             backend: str = "torch", sets=None, planner=None, store=None) -> Generation:
+             backend: str = "torch", sets=None, planner=None, store=None,
+             measure_misses: bool = True) -> Generation:
     """Greedy decoding, one token at a time, FFN from flash; sets: None (oracle) or a set policy;
-    planner, store: the I/O policy (see flash_ffn)."""
+    planner, store: the I/O policy; measure_misses: see flash_ffn."""
     make_ffn = ffn_backend(backend)
     if sets is not None and make_ffn is not flash_ffn:
         raise ValueError(f"predicted sets run on the torch backend only; pass --sets oracle with --backend {backend}")
@@ -149,12 +187,15 @@ def generate(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np
         raise ValueError(f"I/O planner and cache policies run on the torch backend only, not {backend}")
     policy = {} if sets is None else {"sets": sets}
     policy.update({k: v for k, v in (("planner", planner), ("store", store)) if v is not None})
+    if make_ffn is flash_ffn:
+        policy["measure_misses"] = measure_misses
     cache = new_cache(tm, 1, len(prompt_ids) + n_tokens)
     pre = IOStats()
     t0 = time.perf_counter()
     logits = forward(tm, torch.tensor([prompt_ids]), cache,
                      make_ffn(tm, layout, reader, thresholds, criterion, pre, **policy), last_only=True)
-    gen = Generation(list(prompt_ids), [], "", pre, time.perf_counter() - t0)
+    gen = Generation(list(prompt_ids), [], "", pre, time.perf_counter() - t0,
+                     misses_measured=sets is None or measure_misses)
     eos = set(tm.desc.eos_token_ids)
     for _ in range(n_tokens):
         nxt = int(logits[0, -1].argmax())
@@ -169,6 +210,7 @@ def generate(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np
         gen.steps.append(st)
     if tokenizer is not None:
         gen.text = tokenizer.decode(gen.tokens, skip_special_tokens=True)
+    gen.resident = resident_bytes(tm, cache, store, sets)
     return gen
 
 
@@ -186,9 +228,11 @@ def report(gen: Generation, reader: FlashReader, n_ffn_neurons: int, sets: str =
         "reads_per_token": [s.reads for s in gen.steps],
         "effective_bw_MBps": [s.bytes_needed / s.seconds / 1e6 if s.seconds else 0.0 for s in gen.steps],
         "active_fraction_per_token": [s.active / n_ffn_neurons for s in gen.steps],
-        # Against the oracle set, computed beside the engine for measurement only.
-        "missed_per_token": [s.missed for s in gen.steps],
-        "extra_bytes_per_token": [s.extra_bytes for s in gen.steps],
+        # Against the oracle set, computed beside the engine for measurement only (None: not
+        # measured, the engine ran without the FFN weights in DRAM).
+        "misses_measured": gen.misses_measured,
+        "missed_per_token": [s.missed for s in gen.steps] if gen.misses_measured else None,
+        "extra_bytes_per_token": [s.extra_bytes for s in gen.steps] if gen.misses_measured else None,
         "prefill": {"io_ms": gen.prefill.seconds * 1e3, "bytes_read": gen.prefill.bytes_read,
                     "bytes_needed": gen.prefill.bytes_needed, "reads": gen.prefill.reads,
                     "total_ms": gen.prefill_seconds * 1e3},
@@ -204,7 +248,10 @@ def report(gen: Generation, reader: FlashReader, n_ffn_neurons: int, sets: str =
         "reads_median": med(io["reads_per_token"]),
         "effective_bw_MBps_median": med(io["effective_bw_MBps"]),
         "active_fraction_mean": float(np.mean(io["active_fraction_per_token"])) if gen.steps else 0.0,
-        "missed_per_token_mean": float(np.mean(io["missed_per_token"])) if gen.steps else 0.0,
-        "extra_bytes_per_token_mean": float(np.mean(io["extra_bytes_per_token"])) if gen.steps else 0.0,
+        "missed_per_token_mean": None if not gen.misses_measured else
+        float(np.mean(io["missed_per_token"])) if gen.steps else 0.0,
+        "extra_bytes_per_token_mean": None if not gen.misses_measured else
+        float(np.mean(io["extra_bytes_per_token"])) if gen.steps else 0.0,
     }
-    return {"io": io, "summary": summary, "token_ms": [s * 1e3 for s in gen.step_seconds]}
+    return {"io": io, "summary": summary, "token_ms": [s * 1e3 for s in gen.step_seconds],
+            "resident": gen.resident}

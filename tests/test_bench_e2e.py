@@ -35,8 +35,8 @@ def _ours_raw(ms, io):
     return {"token_ms": ms, "io_ms": io, "bytes_read": [4096] * len(ms), "bytes_needed": [4096] * len(ms),
             "summary": {"compute_ms_median": float(np.median(np.subtract(ms, io)))}, "o_direct": True,
             "fallback_reason": "", "sets": "predicted", "rss_bytes": 7 << 20, "ppl": 10.5, "tokens": [],
-            "resident": {"non_ffn_weights_fp32": 100, "ffn_weights_fp32_dram_copy": 200, "ffn_cache": 30,
-                         "predictor_fp32": 40, "predictor_fp16_stored": 20, "kv_cache_fp32": 50}}
+            "resident": {"non_ffn_weights": 100, "ffn_weights_dram_copy": 0, "ffn_cache": 30,
+                         "predictor": 20, "kv_cache": 50, "total": 200}}
 
 
 def test_assembled_json_has_the_issue_shape_and_derives_llama_io_from_warm():
@@ -56,7 +56,7 @@ def test_assembled_json_has_the_issue_shape_and_derives_llama_io_from_warm():
     assert c["llamacpp-cold"]["compute_ms"] == pytest.approx(15.0)
     assert c["llamacpp-warm"]["model_bytes_resident"] == (9 << 20) + 1000
     assert c["llamacpp-ffn-cold"]["evicted_verified"] is False
-    assert c["ours"]["model_bytes_resident"] == 100 + 200 + 30 + 40 + 50
+    assert c["ours"]["model_bytes_resident"] == 100 + 0 + 30 + 20 + 50     # the engine's own total
     assert c["ours"]["io_ms"] == 2.0 and c["ours"]["evicted_verified"] is True
 
 
@@ -92,6 +92,7 @@ def test_ours_workers_run_the_engine_and_count_what_it_holds(tiny_setup):
     assert dense["bytes_read_per_token"] >= n_layers * n * bb
     assert 0 < ours["bytes_read_per_token"] < dense["bytes_read_per_token"]
     held = raw["ours"]["resident"]
-    assert held["ffn_cache"] <= setup.budget_bytes and held["predictor_fp32"] > 0
-    assert ours["model_bytes_resident"] > held["non_ffn_weights_fp32"] > 0
+    assert held["ffn_cache"] <= setup.budget_bytes and held["predictor"] > 0
+    assert held["ffn_weights_dram_copy"] == raw["ours-dense"]["resident"]["ffn_weights_dram_copy"] == 0
+    assert ours["model_bytes_resident"] == held["total"] > held["non_ffn_weights"] > 0
     assert np.isfinite(ours["ppl"]) and np.isfinite(dense["ppl"])

@@ -309,7 +309,8 @@ def train_from_profile(profile, tm: TorchModel, cfg: TrainConfig, sparsity: floa
 
 @dataclass
 class TorchPredictor:
-    """A Predictor's weights as fp32 tensors (the fp16 values), ready for per-token use."""
+    """A Predictor's weights as the fp16 tensors it stores (half the DRAM of fp32 copies);
+    `logits` widens each layer's to fp32 per call, so the outputs equal the fp32 copies'."""
     a: list[torch.Tensor]
     a_bias: list[torch.Tensor]
     b: list[torch.Tensor]
@@ -318,12 +319,13 @@ class TorchPredictor:
 
 
 def to_torch(p: Predictor) -> TorchPredictor:
-    t = lambda w: [_f32(x) for x in w]  # noqa: E731
+    t = lambda w: [torch.from_numpy(np.ascontiguousarray(x)) for x in w]  # noqa: E731
     return TorchPredictor(t(p.a), t(p.a_bias), t(p.b), t(p.b_bias), p.thresholds.copy())
 
 
 def logits(tp: TorchPredictor, layer: int, h: torch.Tensor) -> torch.Tensor:
-    return _logits(h, tp.a[layer], tp.a_bias[layer], tp.b[layer], tp.b_bias[layer])
+    return _logits(h, tp.a[layer].float(), tp.a_bias[layer].float(), tp.b[layer].float(),
+                   tp.b_bias[layer].float())
 
 
 def predict(tp: TorchPredictor, layer: int, h: torch.Tensor) -> torch.Tensor:
@@ -347,8 +349,21 @@ def predicted_masks(p: Predictor, inputs: np.ndarray, chunk: int = 4096) -> np.n
 SetPolicy = Callable[[int, torch.Tensor], torch.Tensor]
 
 
+class LowRankSets:
+    """The low-rank predictor as a set policy; `tensors()` is what it holds in DRAM."""
+
+    def __init__(self, tp: TorchPredictor):
+        self.tp = tp
+
+    def __call__(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        return predict(self.tp, layer, h)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.tp.a, *self.tp.a_bias, *self.tp.b, *self.tp.b_bias]
+
+
 def lowrank_sets(tp: TorchPredictor) -> SetPolicy:
-    return lambda layer, h: predict(tp, layer, h)
+    return LowRankSets(tp)
 
 
 @dataclass
