@@ -22,7 +22,6 @@ run (android_host.probe). This module imports nothing heavy at top (the CLI buil
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -31,6 +30,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+
+from .bench_io import cache_key
 
 CONFIGS = ("llamacpp-warm", "llamacpp-cold", "llamacpp-ffn-cold", "ours", "ours-dense")
 LLAMA_EVICTION = {"llamacpp-warm": "none", "llamacpp-cold": "file", "llamacpp-ffn-cold": "ffn"}
@@ -91,17 +92,10 @@ def _run(args) -> None:
 
 # ---------------------------------------------------------------- preparation (main process)
 
-def _hash(*parts) -> str:
-    h = hashlib.blake2b(digest_size=8)
-    for p in parts:
-        h.update(p if isinstance(p, (bytes, bytearray, memoryview)) else str(p).encode())
-    return h.hexdigest()
-
-
 def private_copy(path: Path, cdir: Path) -> Path:
     """The GGUF copied (once, fsynced) into the cache folder: only llama.cpp maps it, so
     eviction is not defeated by another process holding the same pages."""
-    dest = cdir / f"llamacpp-{_hash(path.resolve(), path.stat().st_size, path.stat().st_mtime_ns)}.gguf"
+    dest = cdir / f"llamacpp-{cache_key(path.resolve(), path.stat().st_size, path.stat().st_mtime_ns)}.gguf"
     if dest.is_file() and dest.stat().st_size == path.stat().st_size:
         return dest
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
@@ -156,7 +150,7 @@ def prepare_ours(path: Path, desc, cdir: Path, dtype: str, sparsity: float | Non
     budget_bytes = int(budget * L * n * bb)
     s, tuned = tune(get_strategy("ours"), wl.calib, perm, bb, budget_bytes, storage, queue_depth)
     laid = layout_perm(s, perm, build_cache(s, budget_bytes, bb, perm, wl.calib))
-    key = _hash(desc.source_hash, dtype, Path(profile).resolve(), Path(profile).stat().st_mtime_ns,
+    key = cache_key(desc.source_hash, dtype, Path(profile).resolve(), Path(profile).stat().st_mtime_ns,
                 np.ascontiguousarray(laid).tobytes())
     layout_dir = cdir / f"layout-{dtype}-{key}"
     try:
@@ -171,7 +165,7 @@ def prepare_ours(path: Path, desc, cdir: Path, dtype: str, sparsity: float | Non
     from ..tuning.profile import ProfileError, load_profile
     try:
         load_profile(profile).inputs("calib")
-        predictor = str(cdir / f"predictor-{_hash(Path(profile).resolve(), Path(profile).stat().st_mtime_ns)}.npz")
+        predictor = str(cdir / f"predictor-{cache_key(Path(profile).resolve(), Path(profile).stat().st_mtime_ns)}.npz")
     except ProfileError:       # a profile without FFN inputs: oracle sets (the JSON says which)
         predictor = None
     if predictor and not Path(predictor).is_file():

@@ -92,7 +92,8 @@ def _run(args) -> None:
 
 # ---------------------------------------------------------------- workloads
 
-def _hash(*parts) -> str:
+def cache_key(*parts) -> str:
+    """A short hash of the parts that name a cached file (profiles, placements, layouts)."""
     h = hashlib.blake2b(digest_size=8)
     for p in parts:
         h.update(p if isinstance(p, (bytes, bytearray, memoryview)) else str(p).encode())
@@ -167,7 +168,7 @@ def synthetic_workload(calib_tokens: int = 1024, heldout_tokens: int = 256, seed
     desc = spec_s.describe()
     return Workload("relu-synthetic", "synthetic ReLU (OPT-6.7B-sized bundles)", spec_s.density,
                     np.stack([c for c, _ in layers]), np.stack([h for _, h in layers]), spec, bundles,
-                    "synthetic", _hash(json.dumps(desc, sort_keys=True), seed), "opt",
+                    "synthetic", cache_key(json.dumps(desc, sort_keys=True), seed), "opt",
                     {"generator": desc, "label": "synthetic (tuning.synthetic)"})
 
 
@@ -192,9 +193,9 @@ WORKLOADS = {
 
 # ---------------------------------------------------------------- placements and flash files
 
-def _placement_source_hash() -> str:
+def _placement_source_key() -> str:
     from ..tuning import coactivation, greedy_path, local_search, placement
-    return _hash(*(Path(m.__file__).read_bytes() for m in (placement, coactivation, greedy_path, local_search)))
+    return cache_key(*(Path(m.__file__).read_bytes() for m in (placement, coactivation, greedy_path, local_search)))
 
 
 def placements(wl: Workload, names: set[str], cache_dir: Path) -> dict:
@@ -205,7 +206,7 @@ def placements(wl: Workload, names: set[str], cache_dir: Path) -> dict:
 
     out = {}
     L, _, n = wl.calib.shape
-    key = _hash(np.packbits(wl.calib).tobytes(), _placement_source_hash())
+    key = cache_key(np.packbits(wl.calib).tobytes(), _placement_source_key())
     for name in sorted(names):
         if name == "identity":
             out[name] = np.tile(np.arange(n, dtype=np.int64), (L, 1))
@@ -228,7 +229,7 @@ def flash_file(wl: Workload, perm, cache_dir: Path):
     from ..layout.pack import write_layout
     from ..layout.reader import open_layout
 
-    d = cache_dir / f"layout-{_hash(wl.source_hash, wl.spec, np.ascontiguousarray(perm).tobytes())}"
+    d = cache_dir / f"layout-{cache_key(wl.source_hash, wl.spec, np.ascontiguousarray(perm).tobytes())}"
     if (d / "manifest.json").is_file():
         try:
             return open_layout(d)

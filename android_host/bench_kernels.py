@@ -57,6 +57,24 @@ def _run(args) -> None:
     print(f"wrote {args.json} and {png}")
 
 
+def benchmark_layer(model: str | None, layer: int | None, fractions, repeat: int):
+    """(model path, ModelDesc, layer index) the kernel benchmarks time, their flags checked
+    first; the local and the device benchmark share it."""
+    from ..tuning.checkpoint import default_model_path, load_model
+
+    if repeat < 3:
+        raise ValueError(f"--repeat {repeat}: use at least 3")
+    bad = [f for f in fractions if not 0 < f <= 1]
+    if bad:
+        raise ValueError(f"--fractions {bad}: each must be in (0, 1]")
+    path = model or default_model_path()
+    desc = load_model(path)
+    layer = desc.n_layers // 2 if layer is None else layer
+    if not 0 <= layer < desc.n_layers:
+        raise ValueError(f"--layer {layer}: the model has layers 0..{desc.n_layers - 1}")
+    return path, desc, layer
+
+
 def bench_kernels(model: str | None = None, layer: int | None = None, db: str | None = None,
                   fractions=FRACTIONS, repeat: int = 20, seed: int = 0,
                   dtypes: tuple[str, ...] = ("fp16", "int8")) -> dict:
@@ -71,19 +89,9 @@ def bench_kernels(model: str | None = None, layer: int | None = None, db: str | 
     from ..compile.timing import flush, time_call, tvm_backed
     from ..compile.tuning_db import default_db_path, load_db, workload_key
     from ..layout.bundle import BundleSpec, decode_bundles, encode_bundles
-    from ..tuning.checkpoint import default_model_path, load_model
     from ..tuning.kernels import kernel_view
 
-    if repeat < 3:
-        raise ValueError(f"--repeat {repeat}: use at least 3")
-    bad = [f for f in fractions if not 0 < f <= 1]
-    if bad:
-        raise ValueError(f"--fractions {bad}: each must be in (0, 1]")
-    path = model or default_model_path()
-    desc = load_model(path)
-    layer = desc.n_layers // 2 if layer is None else layer
-    if not 0 <= layer < desc.n_layers:
-        raise ValueError(f"--layer {layer}: the model has layers 0..{desc.n_layers - 1}")
+    path, desc, layer = benchmark_layer(model, layer, fractions, repeat)
     lw, act, d, n = desc.layers[layer], desc.activation, desc.d_model, desc.d_ffn
     bias = lw.b_up is not None
     db_path = db or default_db_path("host")

@@ -93,23 +93,13 @@ def bench_kernels_remote(session: Session, target: str = "android-arm64", model:
     from ..compile.timing import time_call
     from ..compile.tuning_db import default_db_path, load_db, workload_key
     from ..layout.bundle import BundleSpec, encode_bundles
-    from ..tuning.checkpoint import default_model_path, load_model
     from ..tuning.kernels import kernel_view
-    from .bench_kernels import _headline
+    from .bench_kernels import _headline, benchmark_layer
 
-    if repeat < 3:
-        raise ValueError(f"--repeat {repeat}: use at least 3")
-    bad = [f for f in fractions if not 0 < f <= 1]
-    if bad:
-        raise ValueError(f"--fractions {bad}: each must be in (0, 1]")
     if compare_local and not runs_here(target):
         raise ValueError(f"--compare-local: code built for {target} does not run here; use --target host "
                          "with a server on this machine")
-    path = model or default_model_path()
-    desc = load_model(path)
-    layer = desc.n_layers // 2 if layer is None else layer
-    if not 0 <= layer < desc.n_layers:
-        raise ValueError(f"--layer {layer}: the model has layers 0..{desc.n_layers - 1}")
+    path, desc, layer = benchmark_layer(model, layer, fractions, repeat)
     lw, act, d, n = desc.layers[layer], desc.activation, desc.d_model, desc.d_ffn
     bias = lw.b_up is not None
     db_path = db or default_db_path(target)

@@ -34,6 +34,13 @@ def decode_tensors(spec: BundleSpec, raw: np.ndarray, parts: tuple[str, ...] | N
         raise ValueError(f"raw bundles must be uint8 (k, {spec.bundle_bytes}), got {raw.dtype} {raw.shape}")
     r = torch.from_numpy(np.ascontiguousarray(raw))
     k, d, n_parts = r.shape[0], spec.d_model, len(spec.parts)
+    if k == 0:       # a layer that keeps no neuron; byte views of an empty tensor fail in torch
+        want = spec.parts if parts is None else parts
+        empty = {n: torch.zeros(0, d) if n in want else None for n in spec.parts}
+        gu = [n for n in spec.parts if n != "down"]
+        return BundleTensors(empty.get("up"), empty.get("down"), empty.get("gate"),
+                             torch.zeros(0) if spec.has_up_bias else None,
+                             torch.zeros(0, len(gu), d) if all(n in want for n in gu) else None)
     if spec.dtype in BLOCK_DTYPES:
         want = spec.parts if parts is None else parts
         q4_parts = [(n, at) for n, at in zip(spec.parts, spec.part_offsets) if n in want and part_codec(spec, n) is q4]

@@ -52,6 +52,15 @@ def test_torch_bundle_decoder_equals_the_layout_decoder(dtype):
         np.testing.assert_array_equal(getattr(got, name).numpy(), getattr(ref, name))
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "int8", "q4", "q4d8"])
+def test_torch_bundle_decoder_takes_no_bundles(dtype):
+    # a layer where no neuron is kept decodes zero bundles (seen in bench e2e with q4d8)
+    spec = BundleSpec("swiglu", 64, dtype)
+    got = decode_tensors(spec, np.zeros((0, spec.bundle_bytes), np.uint8))
+    for name in ("up", "down_t", "gate"):
+        assert tuple(getattr(got, name).shape) == (0, 64)
+
+
 def test_torch_bundle_decoder_keeps_the_up_bias():
     rng = np.random.default_rng(1)
     for dtype in ("fp16", "int8", "q4"):
