@@ -30,16 +30,6 @@ def llama(random_llama_dir, tmp_path_factory):
     return desc, open_layout(out)
 
 
-@pytest.fixture(scope="module")
-def llama_profile(random_llama_dir):
-    from ripple.tuning.profile import run_profile
-    tm = to_torch(load_model(random_llama_dir))
-    rng = np.random.default_rng(0)
-    calib = [rng.integers(0, 128, 48) for _ in range(8)]
-    held = [rng.integers(0, 128, 48) for _ in range(2)]
-    return tm, run_profile(tm, calib, held, "coef", sparsity=0.5, grid=(0.0, 0.5), record_inputs=True)
-
-
 @pytest.mark.parametrize("dtype", ["fp16", "int8", "q4", "q4d8"])
 def test_torch_bundle_decoder_equals_the_layout_decoder(dtype):
     rng = np.random.default_rng(0)
@@ -78,9 +68,9 @@ def test_model_built_without_ffn_weights_holds_none(llama):
     assert tm.layers[0]["wq"].dtype == torch.bfloat16 and tm.layers[0]["attn_norm"].dtype == torch.float32
 
 
-def test_predicted_sets_without_measuring_misses_run_with_no_ffn_weight(llama, llama_profile):
+def test_predicted_sets_without_measuring_misses_run_with_no_ffn_weight(llama, recorded_llama_profile):
     desc, layout = llama
-    tm_full, prof = llama_profile
+    tm_full, prof = recorded_llama_profile
     sets = lowrank_sets(predictor_to_torch(train_from_profile(prof, tm_full, TrainConfig(rank=4, epochs=1, batch=64))))
     tm = to_torch(desc, ffn=False)
     with FlashReader(layout.path) as reader:

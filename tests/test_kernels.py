@@ -5,7 +5,7 @@ import pytest
 import tvm
 from tvm import relax
 
-from ripple.compile.build import build_dense, build_graph, build_sparse
+from ripple.compile.build import build_dense, build_graph
 from ripple.compile.graph import FLASH_READ
 from ripple.compile.schedule import SPACE, Knobs, valid
 from ripple.layout import BundleSpec, decode_bundles, write_layout
@@ -15,42 +15,17 @@ from ripple.runtime_py.engine import IOStats
 from ripple.runtime_py.reader import FlashReader
 from ripple.tuning.kernels import kernel_view, random_bundles
 
-D, N = 64, 48
+from kernel_cases import N, assert_close, check_random_active_sets, check_schedule, reference
+
+D = 64
 SPECS = [BundleSpec("swiglu", D, "fp16"), BundleSpec("swiglu", D, "int8"),
          BundleSpec("relu", D, "fp16", True), BundleSpec("relu", D, "int8", True),
          BundleSpec("relu", D, "fp16", False)]
 
 
-def reference(spec, raw, x):
-    b = decode_bundles(spec, raw)
-    u = b.up.astype(np.float64) @ x + (b.up_bias if b.up_bias is not None else 0)
-    if spec.activation == "swiglu":
-        g = b.gate.astype(np.float64) @ x
-        a = g / (1 + np.exp(-g)) * u
-    else:
-        a = np.maximum(u, 0)
-    return a @ b.down_t
-
-
-def run_kernel(lib, spec, raw, x):
-    y = tvm.runtime.tensor(np.zeros(spec.d_model, np.float32))
-    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(kernel_view(spec, raw)), y)
-    return y.numpy()
-
-
-def assert_close(got, want):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * max(np.abs(want).max(), 1.0))
-
-
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.activation}-{s.dtype}-bias{int(s.has_up_bias)}")
 def test_one_sparse_kernel_matches_numpy_for_every_k(spec):
-    lib = build_sparse(spec)
-    raw_all = random_bundles(spec, N, seed=1)
-    rng = np.random.default_rng(2)
-    x = rng.standard_normal(D).astype(np.float32)
-    for k in (1, 7, N):
-        raw = raw_all[np.sort(rng.choice(N, k, replace=False))]
-        assert_close(run_kernel(lib, spec, raw, x), reference(spec, raw, x))
+    check_random_active_sets(spec, (1, 7, N))
 
 
 @pytest.mark.parametrize("knobs", [
@@ -59,12 +34,8 @@ def test_one_sparse_kernel_matches_numpy_for_every_k(spec):
     Knobs(lanes=8, rows=64, down_vec=32, down_chunk=2),
 ], ids=["split-k", "wide-lanes", "narrow-lanes"])
 def test_other_schedules_compute_the_same_ffn(knobs):
-    spec = BundleSpec("swiglu", D, "int8")
     assert valid(knobs, D) and all(getattr(knobs, f) in SPACE[f] for f in SPACE)
-    lib = build_sparse(spec, knobs=knobs)
-    raw = random_bundles(spec, N, seed=3)[:29]        # k not a multiple of any split
-    x = np.random.default_rng(4).standard_normal(D).astype(np.float32)
-    assert_close(run_kernel(lib, spec, raw, x), reference(spec, raw, x))
+    check_schedule(BundleSpec("swiglu", D, "int8"), knobs)
 
 
 @pytest.mark.parametrize("activation, bias", [("swiglu", False), ("relu", True)])

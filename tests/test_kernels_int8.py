@@ -2,27 +2,16 @@
 import numpy as np
 import pytest
 
-from ripple.layout import BundleSpec, decode_bundles, encode_bundles, open_layout, write_layout
-from ripple.layout.header import DTYPE_CODES, HEADER_BYTES, decode_header
+from ripple.layout import BundleSpec, decode_bundles, encode_bundles
+from ripple.layout.header import DTYPE_CODES
 
-D, N = 64, 40
-
-
-def _weights(spec, seed=0):
-    rng = np.random.default_rng(seed)
-    w = {"up": rng.standard_normal((N, D)).astype(np.float32),
-         "down_t": rng.standard_normal((N, D)).astype(np.float32) * 3}
-    if spec.activation == "swiglu":
-        w["gate"] = rng.standard_normal((N, D)).astype(np.float32) * 0.1
-    if spec.has_up_bias:
-        w["up_bias"] = rng.standard_normal(N).astype(np.float32)
-    return w
+from bundle_cases import D, encode_with, header_dtype, random_weights, write_random_layout
 
 
 @pytest.mark.parametrize("spec", [BundleSpec("swiglu", D, "int8"), BundleSpec("relu", D, "int8", True)],
                          ids=["swiglu", "relu+bias"])
 def test_int8_round_trip_is_within_half_a_step_of_each_parts_scale(spec):
-    w = _weights(spec)
+    w = random_weights(spec)
     got = decode_bundles(spec, encode_bundles(spec, **w))
     for name, want in w.items():
         if name == "up_bias":
@@ -35,7 +24,7 @@ def test_int8_round_trip_is_within_half_a_step_of_each_parts_scale(spec):
 def test_int8_bundle_is_int8_parts_then_float32_scales_then_bias():
     spec = BundleSpec("relu", D, "int8", True)
     assert spec.bundle_bytes == 2 * D + 4 * 3
-    w = _weights(spec, seed=1)
+    w = random_weights(spec, seed=1)
     raw = encode_bundles(spec, **w)
     side = np.ascontiguousarray(raw[:, 2 * D:]).view("<f4")
     np.testing.assert_allclose(side[:, 0], np.abs(w["up"]).max(1) / 127, rtol=1e-6)
@@ -46,26 +35,20 @@ def test_int8_bundle_is_int8_parts_then_float32_scales_then_bias():
 
 def test_an_all_zero_row_encodes_without_dividing_by_zero():
     spec = BundleSpec("swiglu", D, "int8")
-    w = _weights(spec, seed=2)
+    w = random_weights(spec, seed=2)
     w["gate"][3] = 0
     got = decode_bundles(spec, encode_bundles(spec, **w))
     assert not got.gate[3].any() and np.isfinite(got.gate).all()
 
 
 def test_int8_encode_refuses_nan_naming_the_part():
-    spec = BundleSpec("swiglu", D, "int8")
-    w = _weights(spec, seed=3)
-    w["down_t"][1, 2] = np.nan
     with pytest.raises(ValueError, match="down"):
-        encode_bundles(spec, **w)
+        encode_with(BundleSpec("swiglu", D, "int8"), "down_t", (1, 2), np.nan, seed=3)
 
 
 def test_int8_layout_packs_and_opens_with_its_dtype_in_header_and_manifest(tmp_path):
     spec = BundleSpec("swiglu", D, "int8")
-    layers = [(encode_bundles(spec, **_weights(spec, seed=l)), np.arange(N)) for l in range(2)]
-    write_layout(tmp_path, spec, layers, {}, "mem", "00" * 16)
-    layout = open_layout(tmp_path, verify=True)
+    layout = write_random_layout(tmp_path, spec)
     assert layout.spec == spec and layout.bundle_bytes == 3 * D + 12
-    with open(layout.path, "rb") as f:
-        assert decode_header(f.read(HEADER_BYTES), "t").dtype == "int8"
+    assert header_dtype(layout) == "int8"
     assert DTYPE_CODES["int8"] == 2

@@ -5,13 +5,14 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from ripple.layout import (BundleSpec, LayoutChecksumError, LayoutError, block_checks,
                            encode_bundles, open_layout, verify_layout, write_layout)
 from ripple.runtime_py.engine import generate
 from ripple.runtime_py.planner import plan_reads
 from ripple.runtime_py.reader import FlashReader
+
+from conftest import save_random_llama
 
 # Small enough to flip every byte of a region: 40 bundles of 96 bytes, 3840 bytes, in one
 # 4 KiB block with 256 bytes of padding.
@@ -156,14 +157,7 @@ def test_generation_with_checks_stops_at_a_corrupt_weight(tmp_path, random_llama
 @pytest.fixture(scope="module")
 def other_llama_dir(tmp_path_factory):
     """Same shapes as random_llama_dir, other weights: only the source hash tells them apart."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, intermediate_size=192,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      rope_theta=10000.0, tie_word_embeddings=False)
-    torch.manual_seed(3)
-    path = tmp_path_factory.mktemp("llama-other")
-    LlamaForCausalLM(cfg).eval().save_pretrained(path)
-    return path
+    return save_random_llama(tmp_path_factory.mktemp("llama-other"), seed=3)
 
 
 def test_layout_from_another_checkpoint_of_the_same_shape_is_refused(tmp_path, random_llama_dir,

@@ -16,6 +16,8 @@ from ripple.tuning.load_gguf import gguf_tensors, load_gguf
 from ripple.tuning.load_hf import load_hf
 from ripple.tuning.model import ModelLoadError
 
+from conftest import write_gguf
+
 
 # ---------------------------------------------------------------- tiny Hugging Face models
 
@@ -39,6 +41,30 @@ def state(model) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() for k, v in model.state_dict().items()}
 
 
+# LayerWeights field -> the Hugging Face state dict key within one layer.
+OPT_LAYER_KEYS = {"attn_norm": "self_attn_layer_norm.weight", "attn_norm_b": "self_attn_layer_norm.bias",
+                  "wq": "self_attn.q_proj.weight", "bq": "self_attn.q_proj.bias",
+                  "wk": "self_attn.k_proj.weight", "bk": "self_attn.k_proj.bias",
+                  "wv": "self_attn.v_proj.weight", "bv": "self_attn.v_proj.bias",
+                  "wo": "self_attn.out_proj.weight", "bo": "self_attn.out_proj.bias",
+                  "ffn_norm": "final_layer_norm.weight", "ffn_norm_b": "final_layer_norm.bias",
+                  "w_up": "fc1.weight", "b_up": "fc1.bias", "w_down": "fc2.weight", "b_down": "fc2.bias"}
+LLAMA_LAYER_KEYS = {"attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight",
+                    "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
+                    "wo": "self_attn.o_proj.weight", "ffn_norm": "post_attention_layernorm.weight",
+                    "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
+                    "w_down": "mlp.down_proj.weight"}
+
+
+def assert_layers_equal(desc, sd, layers_prefix, keys, absent):
+    """Every layer's fields in keys are float32 and equal the state dict's; field absent is None."""
+    for i, lw in enumerate(desc.layers):
+        for field, key in keys.items():
+            got = getattr(lw, field)
+            assert got.dtype == np.float32 and np.array_equal(got, sd[f"{layers_prefix}{i}.{key}"]), (i, field)
+        assert getattr(lw, absent) is None
+
+
 def assert_opt_weights(desc, sd):
     p = "model.decoder."
     assert np.array_equal(desc.embed, sd[p + "embed_tokens.weight"])
@@ -46,36 +72,14 @@ def assert_opt_weights(desc, sd):
     assert np.array_equal(desc.final_norm, sd[p + "final_layer_norm.weight"])
     assert np.array_equal(desc.final_norm_b, sd[p + "final_layer_norm.bias"])
     assert desc.lm_head is desc.embed
-    for i, lw in enumerate(desc.layers):
-        q = f"{p}layers.{i}."
-        pairs = {"attn_norm": "self_attn_layer_norm.weight", "attn_norm_b": "self_attn_layer_norm.bias",
-                 "wq": "self_attn.q_proj.weight", "bq": "self_attn.q_proj.bias",
-                 "wk": "self_attn.k_proj.weight", "bk": "self_attn.k_proj.bias",
-                 "wv": "self_attn.v_proj.weight", "bv": "self_attn.v_proj.bias",
-                 "wo": "self_attn.out_proj.weight", "bo": "self_attn.out_proj.bias",
-                 "ffn_norm": "final_layer_norm.weight", "ffn_norm_b": "final_layer_norm.bias",
-                 "w_up": "fc1.weight", "b_up": "fc1.bias", "w_down": "fc2.weight", "b_down": "fc2.bias"}
-        for field, key in pairs.items():
-            got = getattr(lw, field)
-            assert got.dtype == np.float32 and np.array_equal(got, sd[q + key]), (i, field)
-        assert lw.w_gate is None
+    assert_layers_equal(desc, sd, p + "layers.", OPT_LAYER_KEYS, "w_gate")
 
 
 def assert_llama_weights(desc, sd):
     assert np.array_equal(desc.embed, sd["model.embed_tokens.weight"])
     assert np.array_equal(desc.final_norm, sd["model.norm.weight"])
     assert np.array_equal(desc.lm_head, sd["lm_head.weight"])
-    for i, lw in enumerate(desc.layers):
-        q = f"model.layers.{i}."
-        pairs = {"attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight",
-                 "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
-                 "wo": "self_attn.o_proj.weight", "ffn_norm": "post_attention_layernorm.weight",
-                 "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
-                 "w_down": "mlp.down_proj.weight"}
-        for field, key in pairs.items():
-            got = getattr(lw, field)
-            assert got.dtype == np.float32 and np.array_equal(got, sd[q + key]), (i, field)
-        assert lw.bq is None
+    assert_layers_equal(desc, sd, "model.layers.", LLAMA_LAYER_KEYS, "bq")
 
 
 def test_opt_safetensors_folder_loads_every_weight(tmp_path):
@@ -233,22 +237,22 @@ def test_folder_without_weights_is_rejected(tmp_path):
         load_model(tmp_path)
 
 
+def save_tiny_llama_with(path, edit):
+    """tiny_llama saved to path with its state dict changed by edit(state_dict) on the way."""
+    tiny_llama().save_pretrained(path)
+    sd = load_file(path / "model.safetensors")
+    edit(sd)
+    save_file(sd, path / "model.safetensors")
+
+
 def test_missing_tensor_is_named(tmp_path):
-    model = tiny_llama()
-    model.save_pretrained(tmp_path)
-    sd = load_file(tmp_path / "model.safetensors")
-    del sd["model.layers.1.mlp.up_proj.weight"]
-    save_file(sd, tmp_path / "model.safetensors")
+    save_tiny_llama_with(tmp_path, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(ModelLoadError, match="model.layers.1.mlp.up_proj.weight"):
         load_model(tmp_path)
 
 
 def test_tensor_of_wrong_shape_is_named(tmp_path):
-    model = tiny_llama()
-    model.save_pretrained(tmp_path)
-    sd = load_file(tmp_path / "model.safetensors")
-    sd["model.layers.0.mlp.gate_proj.weight"] = torch.zeros(100, 64)
-    save_file(sd, tmp_path / "model.safetensors")
+    save_tiny_llama_with(tmp_path, lambda sd: sd.update({"model.layers.0.mlp.gate_proj.weight": torch.zeros(100, 64)}))
     with pytest.raises(ModelLoadError, match=r"gate_proj.weight has shape \(100, 64\), expected \(128, 64\)"):
         load_model(tmp_path)
 
@@ -266,16 +270,6 @@ def test_text_file_named_gguf_is_rejected(tmp_path):
     fake.write_text("this is not a model\n")
     with pytest.raises(ModelLoadError, match=f"{fake}.*not a GGUF file"):
         load_model(fake)
-
-
-def write_gguf(path, arch: str, tensors: dict[str, np.ndarray]):
-    w = gguf.GGUFWriter(path, arch)
-    for name, a in tensors.items():
-        w.add_tensor(name, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 def test_gguf_of_another_architecture_is_rejected(tmp_path):

@@ -10,6 +10,8 @@ import pytest
 from ripple.android_host.page_eviction import (PAGE, evict, gguf_tensor_ranges, page_ranges,
                                                resident_bytes)
 
+from conftest import write_gguf
+
 SIZE = 8 << 20
 
 
@@ -60,20 +62,13 @@ def test_ranges_widen_to_whole_pages_and_merge():
 
 
 def test_gguf_ffn_ranges_are_the_ffn_tensors_bytes(tmp_path):
-    from gguf import GGUFWriter
     path = tmp_path / "tiny.gguf"
-    w = GGUFWriter(str(path), "llama")
     rng = np.random.default_rng(1)
     tensors = {name: rng.standard_normal((16, 64)).astype(np.float32)
                for name in ("token_embd.weight", "blk.0.attn_q.weight", "blk.0.ffn_gate.weight",
                             "blk.0.ffn_up.weight", "blk.0.ffn_down.weight", "blk.0.ffn_norm.weight",
                             "blk.1.ffn_up.weight")}
-    for name, t in tensors.items():
-        w.add_tensor(name, t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf(path, "llama", tensors)
     ranges = gguf_tensor_ranges(path)
     raw = path.read_bytes()
     got = sorted(raw[o:o + n] for o, n in ranges.tolist())

@@ -112,18 +112,8 @@ def test_cost_counts_two_matmuls_against_three_for_swiglu(tiny):
     assert c.dram_bytes == 2 * (32 * 8 + 8 + 8 * 64 + 64) * 2 + 2 * 4
 
 
-@pytest.fixture(scope="module")
-def llama_profile(random_llama_dir):
-    tm = to_torch(load_model(random_llama_dir))
-    rng = np.random.default_rng(0)
-    calib = [rng.integers(0, 128, 48) for _ in range(8)]
-    held = [rng.integers(0, 128, 48) for _ in range(2)]
-    return tm, run_profile(tm, calib, held, "coef", sparsity=0.5, grid=(0.0, 0.5, 0.8),
-                           record_inputs=True)
-
-
-def test_profile_records_ffn_inputs_only_when_asked(random_llama_dir, llama_profile, tmp_path):
-    tm, p = llama_profile
+def test_profile_records_ffn_inputs_only_when_asked(random_llama_dir, recorded_llama_profile, tmp_path):
+    tm, p = recorded_llama_profile
     assert p.inputs("calib").shape == (tm.desc.n_layers, 8 * 48, tm.desc.d_model)
     assert p.inputs("calib").dtype == np.float16
     save_profile(p, tmp_path / "p.npz")
@@ -133,8 +123,8 @@ def test_profile_records_ffn_inputs_only_when_asked(random_llama_dir, llama_prof
     assert plain.inputs_calib is None and [len(s) for s in plain.sequences("heldout")] == [20]
 
 
-def test_recorded_inputs_reproduce_the_recorded_masks(llama_profile):
-    tm, p = llama_profile
+def test_recorded_inputs_reproduce_the_recorded_masks(recorded_llama_profile):
+    tm, p = recorded_llama_profile
     mask = true_masks(tm, p.inputs("calib"), p.thresholds, p.criterion)
     # fp16 storage of h flips only pairs whose score sits at the threshold.
     for layer in range(tm.desc.n_layers):
@@ -191,9 +181,9 @@ def test_engine_counts_every_oracle_neuron_a_policy_did_not_predict_as_missed(ll
     assert float(y.abs().max()) == 0.0
 
 
-def test_generation_with_a_trained_predictor_reports_misses_and_extra_bytes(llama_layout, llama_profile):
+def test_generation_with_a_trained_predictor_reports_misses_and_extra_bytes(llama_layout, recorded_llama_profile):
     desc, layout = llama_layout
-    tm, prof = llama_profile
+    tm, prof = recorded_llama_profile
     pred = train_from_profile(prof, tm, TrainConfig(rank=8, epochs=2, batch=64, recall=0.9))
     with FlashReader(layout.path) as reader:
         gen = generate(tm, layout, reader, prof.thresholds, "coef", [1, 2, 3], 4,
@@ -205,9 +195,9 @@ def test_generation_with_a_trained_predictor_reports_misses_and_extra_bytes(llam
     assert all(x % layout.bundle_bytes == 0 for x in io["extra_bytes_per_token"])
 
 
-def test_layout_predictor_is_the_default_and_the_oracle_stays_selectable(llama_layout, llama_profile):
+def test_layout_predictor_is_the_default_and_the_oracle_stays_selectable(llama_layout, recorded_llama_profile):
     desc, layout = llama_layout
-    tm, prof = llama_profile
+    tm, prof = recorded_llama_profile
     assert set_policy(layout, desc, prof.sparsity, None, None)[0] == "oracle"
     pred = train_from_profile(prof, tm, TrainConfig(rank=4, epochs=1, batch=64))
     where = save_predictor(pred, layout.path.parent)
@@ -256,9 +246,9 @@ def test_static_hot_set_reaches_its_recall_on_the_masks_it_was_built_from():
         assert m.sum(0)[keep].min() >= m.sum(0)[~keep].max()
 
 
-def test_bench_predictor_writes_the_documented_shape(random_llama_dir, llama_profile, tmp_path):
+def test_bench_predictor_writes_the_documented_shape(random_llama_dir, recorded_llama_profile, tmp_path):
     from ripple.android_host.cli import main
-    _, prof = llama_profile
+    _, prof = recorded_llama_profile
     save_profile(prof, tmp_path / "p.npz")
     out = tmp_path / "bench.json"
     assert main(["bench", "predictor", "--profile", str(tmp_path / "p.npz"), "--model", str(random_llama_dir),
@@ -277,9 +267,9 @@ def test_bench_predictor_writes_the_documented_shape(random_llama_dir, llama_pro
         assert 0 < r["recall"] <= 1 and 0 < r["precision"] <= 1
 
 
-def test_training_at_another_profiled_sparsity_reruns_the_model_at_it(llama_profile):
+def test_training_at_another_profiled_sparsity_reruns_the_model_at_it(recorded_llama_profile):
     from ripple.tuning.predictor import training_data
-    tm, prof = llama_profile
+    tm, prof = recorded_llama_profile
     same, other = training_data(prof, tm), training_data(prof, tm, 0.8)
     assert same.sparsity == 0.5 and other.sparsity == 0.8
     assert other.inputs.shape == same.inputs.shape

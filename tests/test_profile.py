@@ -5,14 +5,12 @@ from ripple.tuning.checkpoint import load_model
 from ripple.tuning.forward import to_torch
 from ripple.tuning.profile import ProfileError, load_profile, run_profile, save_profile, thresholds_at
 
+from conftest import profile_random_llama
+
 
 @pytest.fixture(scope="module")
 def llama_profile(random_llama_dir):
-    tm = to_torch(load_model(random_llama_dir))
-    rng = np.random.default_rng(0)
-    calib = [rng.integers(0, 128, 48) for _ in range(4)]
-    held = [rng.integers(0, 128, 48) for _ in range(2)]
-    return tm, run_profile(tm, calib, held, "coef", ppl_budget=0.05, grid=(0.0, 0.3, 0.5, 0.7, 0.9))
+    return profile_random_llama(random_llama_dir, 4, ppl_budget=0.05, grid=(0.0, 0.3, 0.5, 0.7, 0.9))
 
 
 def test_thresholds_rise_with_sparsity(llama_profile):
@@ -53,10 +51,9 @@ def test_profile_round_trips_through_a_file(llama_profile, tmp_path):
 
 
 def test_corrupt_profile_is_a_clear_error(tmp_path):
-    bad = tmp_path / "p.npz"
-    bad.write_bytes(b"not a zip file")
+    (tmp_path / "p.npz").write_bytes(b"not a zip file")
     with pytest.raises(ProfileError, match="unreadable profile"):
-        load_profile(bad)
+        load_profile(tmp_path / "p.npz")
 
 
 def test_unprofiled_sparsity_is_refused(llama_profile):
