@@ -472,11 +472,8 @@ def bench_e2e_cmd(model: str | None = None, json_out: str | None = None, prompt:
     out["details"] = details
     out["notes"] = notes
     if json_out:
-        from .interface import write_json
-        png = str(Path(json_out).with_suffix(".png"))
-        plot(out, png)
-        out["png"] = png
-        write_json(json_out, out)
+        from ..atomic_file import write_result
+        write_result(json_out, out, plot)
     return out
 
 

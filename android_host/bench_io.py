@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..atomic_file import atomic_write, save_figure
+from ..atomic_file import atomic_write, save_figure, write_result
 
 DEFAULT_STRATEGIES = ("dense", "llmflash", "ripple", "ours")
 SEQ_FILE_BYTES = 64 << 20     # test file for fio's sequential figure when no probe left one
@@ -392,11 +392,7 @@ def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float
     out["seconds"] = round(time.perf_counter() - t_start, 1)
     out["load_average"] = os.getloadavg()[0]
     if json_out:
-        from ..atomic_file import write_json
-        png = str(Path(json_out).with_suffix(".png"))
-        plot(out, png)
-        out["png"] = png
-        write_json(json_out, out)
+        write_result(json_out, out, plot)
     return out
 
 

@@ -225,12 +225,8 @@ def bench_io_remote_cmd(endpoint: Endpoint, target: str = "android-arm64", json_
     if device_profile:
         out["device_storage"]["profile"] = device_profile
     if json_out:
-        from ..atomic_file import write_json
-        if out["strategies"]:
-            png = str(Path(json_out).with_suffix(".png"))
-            plot(out, png)
-            out["png"] = png
-        write_json(json_out, out)
+        from ..atomic_file import write_result
+        write_result(json_out, out, plot if out["strategies"] else None)
     return out
 
 

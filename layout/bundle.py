@@ -123,6 +123,15 @@ class Bundles:
     up_bias: np.ndarray | None = None  # (k,), ReLU with bias only
 
 
+def _check_up_bias(spec: BundleSpec, up_bias, n: int) -> None:
+    if spec.has_up_bias:
+        if up_bias is None or np.shape(up_bias) != (n,):
+            raise ValueError(f"up_bias must have shape ({n},), got "
+                             f"{None if up_bias is None else np.shape(up_bias)}")
+    elif up_bias is not None:
+        raise ValueError("this BundleSpec has has_up_bias=False; pass up_bias=None")
+
+
 def encode_bundles(spec: BundleSpec, up: np.ndarray, down_t: np.ndarray,
                    gate: np.ndarray | None = None,
                    up_bias: np.ndarray | None = None) -> np.ndarray:
@@ -136,12 +145,7 @@ def encode_bundles(spec: BundleSpec, up: np.ndarray, down_t: np.ndarray,
         _check_rows(name, parts[name], n, spec.d_model)
     if "gate" not in spec.parts and gate is not None:
         raise ValueError("relu bundles have no gate; pass gate=None")
-    if spec.has_up_bias:
-        if up_bias is None or np.shape(up_bias) != (n,):
-            raise ValueError(f"up_bias must have shape ({n},), got "
-                             f"{None if up_bias is None else np.shape(up_bias)}")
-    elif up_bias is not None:
-        raise ValueError("this BundleSpec has has_up_bias=False; pass up_bias=None")
+    _check_up_bias(spec, up_bias, n)
     return _ENCODE[spec.dtype](spec, parts, up_bias)
 
 
@@ -252,12 +256,7 @@ def bundles_from_q4_parts(spec: BundleSpec, parts: dict[str, np.ndarray],
             raise ValueError(f"{name} must be {form}, uint8 ({'n' if n is None else n}, "
                              f"{size}), got {got}")
         n = a.shape[0]
-    if spec.has_up_bias:
-        if up_bias is None or np.shape(up_bias) != (n,):
-            raise ValueError(f"up_bias must have shape ({n},), got "
-                             f"{None if up_bias is None else np.shape(up_bias)}")
-    elif up_bias is not None:
-        raise ValueError("this BundleSpec has has_up_bias=False; pass up_bias=None")
+    _check_up_bias(spec, up_bias, n)
     out = np.empty((n, spec.bundle_bytes), dtype=np.uint8)
     for name, at, size in zip(spec.parts, spec.part_offsets, spec.part_sizes):
         out[:, at:at + size] = parts[name]

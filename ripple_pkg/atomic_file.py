@@ -45,3 +45,12 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
             fig.savefig(f, format="png", dpi=dpi)
     finally:
         plt.close(fig)
+
+
+def write_result(json_out: str | os.PathLike, result: dict, plot=None) -> None:
+    """A benchmark's JSON, with its plot beside it (`plot(result, png_path)`) named in it."""
+    if plot is not None:
+        png = str(Path(json_out).with_suffix(".png"))
+        plot(result, png)
+        result["png"] = png
+    write_json(json_out, result)
