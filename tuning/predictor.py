@@ -17,7 +17,6 @@ kept in fp16, as they sit in DRAM.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..atomic_file import atomic_write
+from ..headed_npz import load_headed, save_headed
 from .forward import FFN, TorchModel, ffn_output
 from .sparsity import scores
 
@@ -429,33 +428,22 @@ def predictor_path(path: str | os.PathLike) -> Path:
 
 def save_predictor(p: Predictor, path: str | os.PathLike) -> Path:
     path = predictor_path(path)
-    header = dict(format=FORMAT, sparsity=p.sparsity, criterion=p.criterion,
+    header = dict(sparsity=p.sparsity, criterion=p.criterion,
                   recall_target=p.recall_target, source_hash=p.source_hash,
                   activation=p.activation, n_layers=p.n_layers, d_model=p.d_model,
                   d_ffn=p.d_ffn, rank=p.rank, meta=p.meta)
-    with atomic_write(path) as f:
-        np.savez(f, header=np.array(json.dumps(header)), a=p.a, a_bias=p.a_bias, b=p.b,
-                 b_bias=p.b_bias, thresholds=p.thresholds, score_thresholds=p.score_thresholds)
+    save_headed(path, FORMAT, header, dict(a=p.a, a_bias=p.a_bias, b=p.b, b_bias=p.b_bias,
+                                           thresholds=p.thresholds, score_thresholds=p.score_thresholds))
     return path
 
 
 def load_predictor(path: str | os.PathLike) -> Predictor:
     path = predictor_path(path)
-    if not path.is_file():
-        raise PredictorError(f"{path}: no such predictor; run `ripple train-predictor --out {path}`")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            h = json.loads(str(z["header"]))
-            if h.get("format") != FORMAT:
-                raise PredictorError(f"{path}: not a ripple predictor (format {h.get('format')!r})")
-            p = Predictor(z["a"], z["a_bias"], z["b"], z["b_bias"], z["thresholds"],
-                          z["score_thresholds"], float(h["sparsity"]), h["criterion"],
-                          float(h["recall_target"]), h["source_hash"], h["activation"], h["meta"])
-    except PredictorError:
-        raise
-    except Exception as e:   # zip, npy and JSON errors all mean one thing to the user
-        raise PredictorError(f"{path}: unreadable predictor ({type(e).__name__}: {e}); "
-                             "run `ripple train-predictor` again") from e
+    def build(h: dict, z: dict) -> tuple[Predictor, dict]:
+        return Predictor(z["a"], z["a_bias"], z["b"], z["b_bias"], z["thresholds"],
+                         z["score_thresholds"], float(h["sparsity"]), h["criterion"],
+                         float(h["recall_target"]), h["source_hash"], h["activation"], h["meta"]), h
+    p, h = load_headed(path, FORMAT, build, PredictorError, "predictor", "ripple train-predictor")
     shapes = (p.n_layers, p.d_model, p.d_ffn, p.rank)
     if shapes != (h["n_layers"], h["d_model"], h["d_ffn"], h["rank"]) or \
             p.b.shape[:2] != (p.n_layers, p.rank) or len(p.thresholds) != p.n_layers:

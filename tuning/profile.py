@@ -12,16 +12,14 @@ times the masks' size (SmolLM2: 1,152 bytes per token per layer, 35 MB per 1,000
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..atomic_file import atomic_write
+from ..headed_npz import load_headed, save_headed
 from .forward import TorchModel, ffn_output, forward
 from .sparsity import perplexity, scores, sparse_ffn, thresholds_for
 
@@ -160,13 +158,12 @@ def run_profile(tm: TorchModel, calib: list[np.ndarray], heldout: list[np.ndarra
 
 
 def save_profile(p: Profile, path: str | os.PathLike) -> None:
-    header = dict(format=FORMAT, criterion=p.criterion, sparsity=p.sparsity, d_ffn=p.d_ffn,
+    header = dict(criterion=p.criterion, sparsity=p.sparsity, d_ffn=p.d_ffn,
                   source_hash=p.source_hash, meta=p.meta)
-    with atomic_write(path) as f:
-        np.savez_compressed(f, header=np.array(json.dumps(header)), grid=p.grid,
-                            grid_thresholds=p.grid_thresholds, grid_ppl=p.grid_ppl,
-                            thresholds=p.thresholds, masks_calib=p.masks_calib,
-                            masks_heldout=p.masks_heldout, **_optional_arrays(p))
+    save_headed(path, FORMAT, header, dict(grid=p.grid, grid_thresholds=p.grid_thresholds,
+                                           grid_ppl=p.grid_ppl, thresholds=p.thresholds,
+                                           masks_calib=p.masks_calib, masks_heldout=p.masks_heldout,
+                                           **_optional_arrays(p)), compressed=True)
 
 
 _OPTIONAL = ("tokens_calib", "tokens_heldout", "seq_lens_calib", "seq_lens_heldout",
@@ -178,23 +175,12 @@ def _optional_arrays(p: Profile) -> dict:
 
 
 def load_profile(path: str | os.PathLike) -> Profile:
-    path = Path(path)
-    if not path.is_file():
-        raise ProfileError(f"{path}: no such profile; run `ripple profile --out {path}` first")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            h = json.loads(str(z["header"]))
-            if h.get("format") != FORMAT:
-                raise ProfileError(f"{path}: not a ripple profile (format {h.get('format')!r})")
-            return Profile(h["criterion"], z["grid"], z["grid_thresholds"], z["grid_ppl"],
-                           float(h["sparsity"]), z["thresholds"], z["masks_calib"],
-                           z["masks_heldout"], int(h["d_ffn"]), h["source_hash"], h["meta"],
-                           **{k: z[k] for k in _OPTIONAL if k in z.files})
-    except ProfileError:
-        raise
-    except Exception as e:   # zip, npy and JSON errors all mean one thing to the user
-        raise ProfileError(f"{path}: unreadable profile ({type(e).__name__}: {e}); "
-                           "run `ripple profile` again") from e
+    def build(h: dict, z: dict) -> Profile:
+        return Profile(h["criterion"], z["grid"], z["grid_thresholds"], z["grid_ppl"],
+                       float(h["sparsity"]), z["thresholds"], z["masks_calib"],
+                       z["masks_heldout"], int(h["d_ffn"]), h["source_hash"], h["meta"],
+                       **{k: z[k] for k in _OPTIONAL if k in z})
+    return load_headed(path, FORMAT, build, ProfileError, "profile", "ripple profile")
 
 
 def thresholds_at(grid, grid_thresholds, sparsity: float) -> np.ndarray:
