@@ -153,15 +153,13 @@ def runs_per_token(masks: np.ndarray, perm: np.ndarray) -> np.ndarray:
 
 def runs_lower_bound(masks: np.ndarray) -> float:
     """Mean reads per token of these masks that no order of the neurons can beat, not even
-    one fitted on these very tokens. Summed over tokens, reads = active slots - C summed
-    over adjacent pairs, and in any order neuron i has at most two neighbours, so the
-    adjacent C sum is at most half the sum over i of its two largest C(i, j): the bound of
-    the degree-2 relaxation of the Hamiltonian path."""
-    from .coactivation import coactivation
+    one fitted on these very tokens. Summed over tokens, reads = active slots - C summed over
+    adjacent pairs, and a Hamiltonian path is a forest with degrees <= 2: the bound is active
+    slots minus a Lagrangian bound on the heaviest such forest (multipliers: the dual of the
+    degree-2 LP), certified over all pairs (`placement_bound`)."""
+    from .placement_bound import runs_lower_bound as bound    # numba, imported when used
 
-    masks = check_masks(masks)
-    top2 = coactivation(masks, 2, "joint", dense_budget_bytes=0).pair_counts
-    return (int(masks.sum()) - int(top2.sum(dtype=np.int64)) / 2) / masks.shape[0]
+    return bound(check_masks(masks))
 
 
 def read_stats(layer_masks: Iterable[np.ndarray], perms: Iterable[np.ndarray]) -> dict:
