@@ -206,9 +206,11 @@ def train_predictor_cmd(profile: str, out: str, model: str | None = None, sparsi
             "val_precision_per_layer": [round(x["val_precision"], 4) for x in layers]}
 
 
-def set_policy(layout, desc, sparsity: float, sets: str | None, predictor: str | None):
+def set_policy(layout, desc, sparsity: float, sets: str | None, predictor: str | None,
+               predictor_dram: str = "fp16"):
     """(label, policy): ("oracle", None), or ("predicted", the low-rank predictor's set policy),
-    the predictor checked against the model and the sparsity it was trained for."""
+    the predictor checked against the model and the sparsity it was trained for and held in
+    DRAM as predictor_dram (tuning.predictor.to_torch)."""
     from ..tuning.predictor import (PREDICTOR_FILE, PredictorError, check_predictor, load_predictor,
                                     lowrank_sets, to_torch as predictor_to_torch)
     if sets is None:
@@ -226,4 +228,4 @@ def set_policy(layout, desc, sparsity: float, sets: str | None, predictor: str |
     if pred.criterion != criterion:
         raise PredictorError(f"{where} predicts {pred.criterion!r} sets, the layout was packed for "
                              f"{criterion!r}; train it from a {criterion!r} profile")
-    return "predicted", lowrank_sets(predictor_to_torch(pred))
+    return "predicted", lowrank_sets(predictor_to_torch(pred, predictor_dram))

@@ -20,9 +20,10 @@ def knobs_for(spec: BundleSpec, target_name: str, db: str | os.PathLike | None =
     return (k, True) if k is not None else (DEFAULT, False)
 
 
-def build_sparse(spec: BundleSpec, target_name: str = "host", knobs: Knobs = DEFAULT):
-    """The sparse kernel alone: main(x, bundles, y)."""
-    mod = schedule_sparse(sparse_ffn(spec), spec, knobs)
+def build_sparse(spec: BundleSpec, target_name: str = "host", knobs: Knobs = DEFAULT,
+                 keep: str | None = None):
+    """The sparse kernel alone: main(x, bundles, y), or main(x, bundles, thr, y) with keep."""
+    mod = schedule_sparse(sparse_ffn(spec, keep), spec, knobs)
     return tvm.compile(mod, target=make_target(target_name))
 
 
@@ -32,6 +33,7 @@ def build_dense(activation: str, d: int, n: int, has_up_bias: bool = False,
     return tvm.compile(mod, target=make_target(target_name))
 
 
-def build_graph(spec: BundleSpec, target_name: str = "host", knobs: Knobs = DEFAULT):
-    """The per-layer Relax graph (flash hook + kernel) as a VM executable."""
-    return tvm.compile(layer_graph(spec, knobs), target=make_target(target_name))
+def build_graph(spec: BundleSpec, target_name: str = "host", knobs: Knobs = DEFAULT,
+                keep: str | None = None):
+    """The per-layer Relax graph (flash hook + kernel) as a VM executable; keep: compile.graph."""
+    return tvm.compile(layer_graph(spec, knobs, keep), target=make_target(target_name))

@@ -14,6 +14,11 @@ k bundles, viewed as
         float16 scales (layout.q8): the int8 kernel's down part with a scale per 32 outputs.
 y = W_down[:, active] @ act(active rows of W_up/W_gate @ x), without b_down (the engine adds it).
 
+keep="coef"|"gate" adds an input thr (1,) f32 after the bundles: a neuron contributes only if
+its own criterion (|coefficient|, or |silu(gate)|) exceeds thr. Predicted sets need it: the
+engine reads the predicted bundles and keeps the neurons whose true score, computed from the
+rows just read, clears the layer's threshold (runtime_py.engine).
+
 Dense kernel (the baseline it is compared with): the whole FFN from matrices in their usual
 layout (W_gate, W_up (n, d), W_down (d, n)), fp16, n fixed at compile time.
 
@@ -59,13 +64,33 @@ def _f16(W, i, byte):
     return tirx.reinterpret("float16", bits).astype("float32")
 
 
-def sparse_ffn(spec: BundleSpec) -> tirx.PrimFunc:
-    """The sparse FFN over a gathered buffer of k bundles (k symbolic)."""
+KEEP_CRITERIA = ("coef", "gate")
+
+
+def _keeper(keep: str | None):
+    """(extra inputs, kept(a, silu_gate) -> expression) for sparse_ffn's keep option."""
+    if keep is None:
+        return [], lambda a, sg: a
+    if keep not in KEEP_CRITERIA:
+        raise ValueError(f"keep {keep!r} is not one of {KEEP_CRITERIA}")
+    thr = te.placeholder((_i64(1),), "float32", name="thr")
+
+    def kept(a, sg):
+        crit = sg if keep == "gate" else a
+        return te.if_then_else(te.abs(crit) > thr[_i64(0)], a, tirx.const(0.0, "float32"))
+    return [thr], kept
+
+
+def sparse_ffn(spec: BundleSpec, keep: str | None = None) -> tirx.PrimFunc:
+    """The sparse FFN over a gathered buffer of k bundles (k symbolic); keep: see the module."""
     if spec.dtype not in VIEW_DTYPE:
         raise ValueError(f"no kernel for bundle dtype {spec.dtype!r}; kernels exist for "
                          f"{sorted(VIEW_DTYPE)}")
+    if keep == "gate" and spec.activation != "swiglu":
+        raise ValueError("keep 'gate' needs a gated (SwiGLU) FFN; use 'coef' for ReLU models")
+    extra, kept = _keeper(keep)
     if spec.dtype in ("q4", "q4d8"):
-        return _sparse_ffn_q4(spec)
+        return _sparse_ffn_q4(spec, extra, kept)
     d, P = spec.d_model, gemv_parts(spec)
     k = te.var("k", dtype=_I64)
     D = _i64(d)
@@ -97,12 +122,13 @@ def sparse_ffn(spec: BundleSpec) -> tirx.PrimFunc:
     def act_fn(i):
         if spec.activation == "swiglu":
             g = scaled(gu[i, 0], i, 0)
-            a = g * te.sigmoid(g) * scaled(gu[i, 1], i, 1)
+            sg = g * te.sigmoid(g)
+            a = kept(sg * scaled(gu[i, 1], i, 1), sg)
         else:
             u = scaled(gu[i, 0], i, 0)
             if spec.has_up_bias:
                 u = u + bias(i)
-            a = te.max(u, tirx.const(0.0, "float32"))
+            a = kept(te.max(u, tirx.const(0.0, "float32")), None)
         # The down column's scale is folded into the coefficient: one multiply per neuron,
         # not one per (neuron, output).
         return scaled(a, i, P)
@@ -111,10 +137,10 @@ def sparse_ffn(spec: BundleSpec) -> tirx.PrimFunc:
     ri = te.reduce_axis((0, k), name="ri")
     y = te.compute((D,), lambda j: te.sum(
         W[ri, _i64(P * d) + j].astype("float32") * act[ri], axis=ri), name="y")
-    return te.create_prim_func([x, W, y]).with_attr("global_symbol", "main")
+    return te.create_prim_func([x, W, *extra, y]).with_attr("global_symbol", "main")
 
 
-def _sparse_ffn_q4(spec: BundleSpec) -> tirx.PrimFunc:
+def _sparse_ffn_q4(spec: BundleSpec, extra: list, kept) -> tirx.PrimFunc:
     """sparse_ffn on Q4_1 blocks. Per block b of a part: sum_c (d_b q_c + m_b) x_c
     = sum_c d_b q_c x_c + m_b xsum_b: the up GEMV is step * nibble * x (the step is one
     broadcast per 16-lane vector), the minimums meet a precomputed block sum of x.
@@ -148,15 +174,16 @@ def _sparse_ffn_q4(spec: BundleSpec) -> tirx.PrimFunc:
     def act_fn(i):
         if spec.activation == "swiglu":
             g = gu[i, 0] + gm[i, 0]
-            return g * te.sigmoid(g) * (gu[i, 1] + gm[i, 1])
+            sg = g * te.sigmoid(g)
+            return kept(sg * (gu[i, 1] + gm[i, 1]), sg)
         u = gu[i, 0] + gm[i, 0]
         if spec.has_up_bias:
             u = u + _side_f32(W, i, sum(spec.part_sizes))
-        return te.max(u, tirx.const(0.0, "float32"))
+        return kept(te.max(u, tirx.const(0.0, "float32")), None)
 
     act = te.compute((k,), act_fn, name="act")
     if spec.dtype == "q4d8":
-        return _down_q8(spec, k, x, W, act)
+        return _down_q8(spec, k, x, W, act, extra)
     # Down: y_j = sum_i act_i (d_ib q_ij + m_ib), b = j/32. The step is folded into the
     # coefficient once per (neuron, block), the minimum into a per-block sum over neurons.
     ad = te.compute((k, NB), lambda i, b: act[i] * _f16(W, i, block_at(P, b)), name="ad")
@@ -166,10 +193,10 @@ def _sparse_ffn_q4(spec: BundleSpec) -> tirx.PrimFunc:
     ri = te.reduce_axis((0, k), name="ri")
     yq = te.compute((D,), lambda j: te.sum(ad[ri, j // B] * nibble(ri, P, j), axis=ri), name="y")
     y = te.compute((D,), lambda j: yq[j] + am[j // B], name="y_min")
-    return te.create_prim_func([x, W, y]).with_attr("global_symbol", "main")
+    return te.create_prim_func([x, W, *extra, y]).with_attr("global_symbol", "main")
 
 
-def _down_q8(spec: BundleSpec, k, x, W, act) -> tirx.PrimFunc:
+def _down_q8(spec: BundleSpec, k, x, W, act, extra: list) -> tirx.PrimFunc:
     """y_j = sum_i act_i s_ib q_ij, b = j/32: each block's scale is folded into the coefficient
     once per (neuron, block), as the int8 kernel folds its one scale per column."""
     d, at = spec.d_model, spec.part_offsets[-1]
@@ -179,7 +206,7 @@ def _down_q8(spec: BundleSpec, k, x, W, act) -> tirx.PrimFunc:
     y = te.compute((D,), lambda j: te.sum(
         ad[ri, j // B] * tirx.reinterpret("int8", W[ri, _i64(at) + j]).astype("float32"), axis=ri),
         name="y")
-    return te.create_prim_func([x, W, y]).with_attr("global_symbol", "main")
+    return te.create_prim_func([x, W, *extra, y]).with_attr("global_symbol", "main")
 
 
 def dense_ffn(activation: str, d: int, n: int, has_up_bias: bool = False) -> tirx.PrimFunc:

@@ -65,18 +65,11 @@ class FFNWeightsAbsent(ValueError):
     """The oracle set was asked of a model built without FFN weights in DRAM."""
 
 
-def flash_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np.ndarray,
-              criterion: str, stats: IOStats, sets=None, planner=None, store=None,
-              measure_misses: bool = True) -> FFN:
-    """sets: None for the oracle, or a set policy (layer, h) -> predicted mask.
-    planner: None (one read per run) or (slots, region_offset, bundle_bytes, align) -> Plan,
-    e.g. runtime_py.strategies.layer_planner (access collapse from a device profile).
-    store: None or a runtime_py.cache.BundleStore: bundles it holds are not read.
-    measure_misses: with predicted sets, also score the oracle set (from the DRAM copy of the
-    FFN weights) to count missed neurons and extra bytes; off, the engine needs no FFN weight
-    in DRAM (tuning.forward.to_torch(..., ffn=False)) and stats.missed/extra_bytes stay 0."""
-    spec, bb = layout.spec, layout.spec.bundle_bytes
-    swiglu = tm.desc.activation == "swiglu"
+def set_chooser(tm: TorchModel, thresholds: np.ndarray, criterion: str, stats: IOStats,
+                bundle_bytes: int, sets=None, measure_misses: bool = True):
+    """choose(layer, hf (T, d)) -> the neurons to fetch per token, (T, n) bool: the oracle set
+    (sets None) or the set policy's prediction; with predicted sets and measure_misses, the
+    oracle is scored beside it and missed neurons / extra bytes go into stats."""
     n = tm.desc.d_ffn
 
     def oracle(layer: int, hf: torch.Tensor) -> torch.Tensor:
@@ -87,30 +80,72 @@ def flash_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: n
                                    "model was built without them; use predicted sets, or to_torch(ffn=True)")
         return scores(tm, layer, hf, criterion)[1] > float(thresholds[layer])   # (tokens, n)
 
+    def choose(layer: int, hf: torch.Tensor) -> torch.Tensor:
+        if sets is None:
+            return oracle(layer, hf)
+        want = sets(layer, hf)
+        if measure_misses:
+            mask = oracle(layer, hf)
+            stats.missed += int((mask & ~want).sum())
+            stats.extra_bytes += int((want.any(0) & ~mask.any(0)).sum()) * bundle_bytes
+        return want
+    return choose
+
+
+def fetch(layout: Layout, reader: FlashReader, layer: int, wanted: np.ndarray, stats: IOStats,
+          planner=None, store=None, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The bytes of the bundles of neurons `wanted` (unique ids): (rows (k, bundle_bytes) uint8,
+    their ids), the ones read from flash in slot order, then the cache's hits. Counts the I/O.
+    planner: None (one read per run) or (slots, region_offset, bundle_bytes, align) -> Plan,
+    e.g. runtime_py.strategies.layer_planner (access collapse from a device profile).
+    store: None or a runtime_py.cache.BundleStore: bundles it holds are not read.
+    out: (k, bundle_bytes) uint8 to fill instead, e.g. the buffer the compiled graph allocated."""
+    bb = layout.bundle_bytes
+    hit = store.access(layer, wanted) if store is not None else None
+    # Taken before `keep`: admitting this step's misses may evict a bundle that just hit.
+    any_hit = hit is not None and hit.any()
+    hit_rows = store.rows(layer, wanted[hit]) if any_hit else None
+    miss = wanted[~hit] if any_hit else wanted
+    slots = np.sort(layout.slot_of[layer][miss])
+    region = int(layout.region_offsets[layer])
+    plan = (planner or plan_reads)(slots, region, bb, layout.alignment)
+    res = reader.read(plan.extents)
+    if out is None:
+        out = np.empty((len(wanted), bb), dtype=np.uint8)
+    gather(res, plan, region, bb, out=out[:len(slots)])
+    read_ids = layout.perm[layer][slots]
+    if store is not None:
+        store.keep(layer, read_ids, out[:len(slots)])
+    ids = read_ids
+    if hit_rows is not None:
+        out[len(slots):] = hit_rows
+        ids = np.concatenate((read_ids, wanted[hit]))
+    stats.seconds += res.seconds
+    stats.bytes_read += res.bytes_read
+    stats.reads += res.reads
+    stats.bytes_needed += len(wanted) * bb
+    stats.active += len(wanted)
+    return out, ids
+
+
+def flash_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np.ndarray,
+              criterion: str, stats: IOStats, sets=None, planner=None, store=None,
+              measure_misses: bool = True) -> FFN:
+    """sets: None for the oracle, or a set policy (layer, h) -> predicted mask.
+    planner, store: the I/O policy (see fetch).
+    measure_misses: with predicted sets, also score the oracle set (from the DRAM copy of the
+    FFN weights) to count missed neurons and extra bytes; off, the engine needs no FFN weight
+    in DRAM (tuning.forward.to_torch(..., ffn=False)) and stats.missed/extra_bytes stay 0."""
+    spec = layout.spec
+    swiglu = tm.desc.activation == "swiglu"
+    choose = set_chooser(tm, thresholds, criterion, stats, layout.bundle_bytes, sets, measure_misses)
+
     def ffn(layer: int, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
         hf = h.reshape(-1, shape[-1])
-        measured = sets is None or measure_misses
-        mask = oracle(layer, hf) if measured else None
-        want = mask if sets is None else sets(layer, hf)
-        want_any = want.any(0).numpy()
-        wanted = np.flatnonzero(want_any)
-        hit = store.access(layer, wanted) if store is not None else None
-        # Taken before `keep`: admitting this step's misses may evict a bundle that just hit.
-        any_hit = hit is not None and hit.any()
-        hit_rows = store.rows(layer, wanted[hit]) if any_hit else None
-        miss = wanted[~hit] if any_hit else wanted
-        slots = np.sort(layout.slot_of[layer][miss])
-        region = int(layout.region_offsets[layer])
-        plan = (planner or plan_reads)(slots, region, bb, layout.alignment)
-        res = reader.read(plan.extents)
-        rows = gather(res, plan, region, bb)
-        read_ids = layout.perm[layer][slots]
-        if store is not None:
-            store.keep(layer, read_ids, rows)
-        if hit_rows is not None:
-            rows = np.concatenate((rows, hit_rows))
-            read_ids = np.concatenate((read_ids, wanted[hit]))
+        want = choose(layer, hf)
+        rows, read_ids = fetch(layout, reader, layer, np.flatnonzero(want.any(0).numpy()), stats,
+                               planner, store)
         # Down columns only of neurons some token keeps (with predicted sets ~45% of those read).
         b = decode_tensors(spec, rows, GEMV_PARTS)
         ids = torch.from_numpy(read_ids)
@@ -123,15 +158,12 @@ def flash_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: n
             up = up + b.up_bias
         gate = F.silu(gate) if swiglu else None
         coef = gate * up if swiglu else F.relu(up)
-        # Prompt steps read the union of their tokens' sets; each token keeps only its own.
-        if sets is None:
-            keep = mask[:, ids]
-        else:
-            own = (gate.abs() if criterion == "gate" else coef.abs()) > float(thresholds[layer])
-            keep = want[:, ids] & own
-            if measure_misses:
-                stats.missed += int((mask & ~want).sum())
-                stats.extra_bytes += int((want_any & ~mask.any(0).numpy()).sum()) * bb
+        # Prompt steps read the union of their tokens' sets; each token keeps only its own,
+        # and with predicted sets only the neurons whose true score, from the rows just read,
+        # clears the threshold.
+        keep = want[:, ids]
+        if sets is not None:
+            keep &= (gate.abs() if criterion == "gate" else coef.abs()) > float(thresholds[layer])
         used = np.flatnonzero(keep.any(0).numpy())
         down_t = (b.down_t[used] if b.down_t is not None else
                   decode_tensors(spec, rows[used], ("down",)).down_t)
@@ -139,11 +171,6 @@ def flash_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: n
         b_down = tm.layers[layer]["b_down"]
         if b_down is not None:
             y = y + b_down
-        stats.seconds += res.seconds
-        stats.bytes_read += res.bytes_read
-        stats.reads += res.reads
-        stats.bytes_needed += len(wanted) * bb
-        stats.active += len(wanted)
         return y.reshape(shape)
     return ffn
 
@@ -177,19 +204,13 @@ BACKENDS = ("torch", "tvm")
 def generate(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np.ndarray,
              criterion: str, prompt_ids: list[int], n_tokens: int, tokenizer=None,
              backend: str = "torch", sets=None, planner=None, store=None,
-             measure_misses: bool = True) -> Generation:
+             measure_misses: bool = True, kv_dtype: torch.dtype = torch.float32) -> Generation:
     """Greedy decoding, one token at a time, FFN from flash; sets: None (oracle) or a set policy;
-    planner, store: the I/O policy; measure_misses: see flash_ffn."""
+    planner, store: the I/O policy; measure_misses: see flash_ffn; kv_dtype: the KV cache's
+    storage (tuning.forward.new_cache)."""
     make_ffn = ffn_backend(backend)
-    if sets is not None and make_ffn is not flash_ffn:
-        raise ValueError(f"predicted sets run on the torch backend only; pass --sets oracle with --backend {backend}")
-    if (planner is not None or store is not None) and make_ffn is not flash_ffn:
-        raise ValueError(f"I/O planner and cache policies run on the torch backend only, not {backend}")
-    policy = {} if sets is None else {"sets": sets}
-    policy.update({k: v for k, v in (("planner", planner), ("store", store)) if v is not None})
-    if make_ffn is flash_ffn:
-        policy["measure_misses"] = measure_misses
-    cache = new_cache(tm, 1, len(prompt_ids) + n_tokens)
+    policy = {"sets": sets, "planner": planner, "store": store, "measure_misses": measure_misses}
+    cache = new_cache(tm, 1, len(prompt_ids) + n_tokens, kv_dtype)
     pre = IOStats()
     t0 = time.perf_counter()
     logits = forward(tm, torch.tensor([prompt_ids]), cache,

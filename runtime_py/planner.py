@@ -150,16 +150,42 @@ def plan_cheapest(slots: np.ndarray, region_offset: int, bundle_bytes: int, stor
     runs_ = aligned_runs(slots, region_offset, bundle_bytes, align)
     if len(runs_[0]) == 0:
         return merge_runs(runs_, region_offset, bundle_bytes, align, 0)
-    span = int(runs_[3][-1] - runs_[2][0])
+    gaps, splits, cost = candidate_costs(runs_, storage, queue_depth, align)
+    g, s = np.unravel_index(int(np.argmin(cost)), cost.shape)
+    return merge_runs(runs_, region_offset, bundle_bytes, align, int(gaps[g]), int(splits[s]))
+
+
+def candidate_costs(aligned, storage: sm.StorageProfile, queue_depth: int, align: int):
+    """(gaps, splits, cost (gaps, splits)): storage_model.batch_s of merge_runs(gap, split) for
+    every candidate, priced in one pass without building the plans. Extents of one plan never
+    touch (runs closer than the gap merge), so each extent, cut into pieces, is one stream."""
+    _, _, a_lo, a_hi = aligned
+    span = int(a_hi[-1] - a_lo[0])
+    gaps = [0]
+    while gaps[-1] < span:
+        gaps.append(max(align, gaps[-1] * 2))
+    gaps = np.array(gaps, np.int64)
     base = sm.split_bytes(storage, queue_depth)
-    best, best_s = None, np.inf
-    gap = 0
-    while True:
-        for split in (base // 2, base, base * 2):
-            plan = merge_runs(runs_, region_offset, bundle_bytes, align, gap, max(split, align))
-            t = sm.batch_s(storage, plan.extents[:, 1], queue_depth, plan.extents[:, 0])
-            if t < best_s:
-                best, best_s = plan, t
-        if gap >= span:
-            return best
-        gap = max(align, gap * 2)
+    splits = np.array([max(s, align) for s in (base // 2, base, base * 2)], np.int64)
+    steps = np.maximum(align, splits // align * align)
+    # Extents of every gap candidate, flattened: a run starts an extent where the space to the
+    # previous run exceeds the gap.
+    between = a_lo[1:] - a_hi[:-1]
+    new = np.ones((len(gaps), len(a_lo)), dtype=bool)
+    new[:, 1:] = between[None, :] > gaps[:, None]
+    row, first = np.nonzero(new)
+    last = np.empty_like(first)
+    last[:-1] = first[1:] - 1
+    ends = np.r_[row[1:] != row[:-1], True]        # the last extent of each candidate
+    last[ends] = len(a_lo) - 1
+    length = (a_hi[last] - a_lo[first]).astype(np.float64)
+    pieces = -(-length[None, :] // steps[:, None])                       # (splits, extents)
+    n = np.stack([np.bincount(row, w, minlength=len(gaps)) for w in pieces])   # (splits, gaps)
+    q = np.minimum(queue_depth, n).astype(np.int64)[:, row]              # each extent's plan's depth
+    rem = length[None, :] - (pieces - 1) * steps[:, None]
+    table = (pieces - 1) * sm.service_s_at(storage, np.broadcast_to(steps[:, None], q.shape), q) \
+        + sm.service_s_at(storage, rem, q)
+    seq = length / storage.seq_bytes_per_s
+    t = np.where(pieces > 1, np.minimum(table, seq[None, :]), table)
+    cost = np.stack([np.bincount(row, ts, minlength=len(gaps)) for ts in t])  # (splits, gaps)
+    return gaps, splits, cost.T

@@ -6,34 +6,42 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import numpy as np
-import torch
 
-from ..tuning.forward import FFN_WEIGHTS, KVCache, TorchModel
+from ..tuning.forward import FFN_WEIGHTS, KVCache, TorchModel, Weight
+from ..tuning.quantized_matrix import QuantizedMatrix
 
 
-def _tensors(tm: TorchModel) -> Iterable[tuple[str, torch.Tensor | None]]:
+def _tensors(tm: TorchModel) -> Iterable[tuple[str, Weight | None]]:
     yield from (("embed", tm.embed), ("lm_head", tm.lm_head), ("final_norm", tm.final_norm),
                 ("final_norm_b", tm.final_norm_b), ("pos_embed", tm.pos_embed), ("inv_freq", tm.inv_freq))
     for lw in tm.layers:
         yield from lw.items()
 
 
+def _storage(w: Weight) -> tuple[int, int, str]:
+    """(address, bytes, dtype key) of what holds a weight: a tensor's whole storage, or a
+    QuantizedMatrix's blocks (key: its kind, e.g. "q4_1")."""
+    if isinstance(w, QuantizedMatrix):
+        return w.raw.ctypes.data, w.nbytes, w.kind
+    return w.untyped_storage().data_ptr(), w.untyped_storage().nbytes(), str(w.dtype).removeprefix("torch.")
+
+
 def weight_bytes(tm: TorchModel) -> dict[str, int]:
     """{"non_ffn": bytes, "ffn": bytes of FFN matrices held in DRAM (0 when built with
-    ffn=False), "non_ffn_dtypes": {dtype: bytes}}; b_down counts as non-FFN (it is added per
-    token and never stored in bundles)."""
+    ffn=False), "non_ffn_dtypes": {dtype or block kind: bytes}}; b_down counts as non-FFN (it
+    is added per token and never stored in bundles)."""
     seen, out, dtypes = set(), {"non_ffn": 0, "ffn": 0}, {}
     for name, t in _tensors(tm):
-        if t is None or t.untyped_storage().data_ptr() in seen:
+        if t is None:
             continue
-        seen.add(t.untyped_storage().data_ptr())
-        nbytes = t.untyped_storage().nbytes()
+        address, nbytes, key = _storage(t)
+        if address in seen:
+            continue
+        seen.add(address)
         if name in FFN_WEIGHTS:
             out["ffn"] += nbytes
         else:
             out["non_ffn"] += nbytes
-            key = str(t.dtype).removeprefix("torch.")
             dtypes[key] = dtypes.get(key, 0) + nbytes
     return {**out, "non_ffn_dtypes": dtypes}
 
@@ -44,7 +52,7 @@ def kv_bytes(kv: KVCache | None) -> int:
 
 def cache_bytes(store) -> int:
     """Bytes of bundles a runtime_py.cache.BundleStore holds (0 for none)."""
-    return 0 if store is None else int(sum(np.asarray(r).nbytes for r in store.rows_of.values()))
+    return 0 if store is None else store.nbytes
 
 
 def predictor_bytes(sets) -> int:

@@ -104,6 +104,27 @@ def service_s(p: StorageProfile, size, qd: float) -> np.ndarray:
     return latency_s(p, size, q) / q
 
 
+@functools.lru_cache(maxsize=64)
+def _columns(p: StorageProfile, max_qd: int) -> np.ndarray:
+    """(max_qd + 1, S): _column at each whole queue depth 0..max_qd (row 0 unused)."""
+    return np.stack([_column(p, max(q, 1)) for q in range(max_qd + 1)])
+
+
+def service_s_at(p: StorageProfile, sizes: np.ndarray, qds: np.ndarray) -> np.ndarray:
+    """service_s for many (size, whole queue depth) pairs at once: the planner prices dozens
+    of candidate plans per layer and token, and one call per plan cost ~3 ms a layer."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    qds = np.asarray(qds, dtype=np.int64)
+    cols = _columns(p, int(qds.max(initial=1)))
+    ls = np.log(p.sizes)
+    x = np.log(np.clip(sizes, p.sizes[0], p.sizes[-1]))
+    hi = np.clip(np.searchsorted(ls, x), 1, len(ls) - 1)
+    w = (x - ls[hi - 1]) / (ls[hi] - ls[hi - 1])
+    lat = np.exp(cols[qds, hi - 1] * (1 - w) + cols[qds, hi] * w) * 1e-6
+    lat = np.where(sizes > p.sizes[-1], lat * sizes / p.sizes[-1], lat)
+    return lat / np.clip(qds, 1, p.queue_depths[-1])
+
+
 def batch_s(p: StorageProfile, sizes, queue_depth: int, offsets=None) -> float:
     """Time to read one batch of requests (one layer's extents) at `queue_depth`.
 

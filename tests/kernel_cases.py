@@ -15,20 +15,25 @@ from ripple.tuning.kernels import kernel_view, random_bundles
 N = 48
 
 
-def reference(spec, raw, x):
+def reference(spec, raw, x, keep=None, thr=None):
+    """keep/thr: only neurons whose |coef| (or |silu(gate)|) exceeds thr count."""
     b = decode_bundles(spec, raw)
     u = b.up.astype(np.float64) @ x + (b.up_bias if b.up_bias is not None else 0)
     if spec.activation == "swiglu":
         g = b.gate.astype(np.float64) @ x
-        a = g / (1 + np.exp(-g)) * u
+        sg = g / (1 + np.exp(-g))
+        a = sg * u
     else:
-        a = np.maximum(u, 0)
+        sg, a = None, np.maximum(u, 0)
+    if keep is not None:
+        a = np.where(np.abs(sg if keep == "gate" else a) > thr, a, 0.0)
     return a @ b.down_t
 
 
-def run_kernel(lib, spec, raw, x):
+def run_kernel(lib, spec, raw, x, thr=None):
     y = tvm.runtime.tensor(np.full(spec.d_model, np.nan, np.float32))   # k=0 must write zeros
-    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(kernel_view(spec, raw)), y)
+    extra = [] if thr is None else [tvm.runtime.tensor(np.array([thr], np.float32))]
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(kernel_view(spec, raw)), *extra, y)
     return y.numpy()
 
 
@@ -50,6 +55,27 @@ def check_random_active_sets(spec, ks):
             np.testing.assert_array_equal(got, np.zeros(spec.d_model, np.float32))
         else:
             assert_close(got, reference(spec, raw, x))
+
+
+def check_keep_threshold(spec, keep):
+    """The thresholded kernel drops exactly the neurons whose own score does not clear thr:
+    thr at the median score of the rows keeps about half of them."""
+    lib = build_sparse(spec, keep=keep)
+    raw = random_bundles(spec, N, seed=5)
+    x = np.random.default_rng(6).standard_normal(spec.d_model).astype(np.float32)
+    b = decode_bundles(spec, raw)
+    u = b.up.astype(np.float64) @ x + (b.up_bias if b.up_bias is not None else 0)
+    if spec.activation == "swiglu":
+        g = b.gate.astype(np.float64) @ x
+        sg = g / (1 + np.exp(-g))
+        score = np.abs(sg if keep == "gate" else sg * u)
+    else:
+        score = np.maximum(u, 0)
+    thr = float(np.median(score))
+    want = reference(spec, raw, x, keep, thr)
+    assert_close(run_kernel(lib, spec, raw, x, thr), want)
+    assert np.abs(want - reference(spec, raw, x)).max() > 1e-3       # the threshold did drop some
+    assert_close(run_kernel(lib, spec, raw, x, -1.0), reference(spec, raw, x))
 
 
 def check_schedule(spec, knobs):

@@ -47,7 +47,41 @@ def test_cached_and_collapsed_reads_give_the_same_logits(llama, policy):
         got = step_logits(tm, TOKENS, lambda: flash_ffn(tm, layout, reader, thr, "coef", policed,
                                                        planner=plan, store=store))
         assert store.cache.used_bytes <= budget
-        assert len(store.rows_of) <= store.cache.entries
+        assert store.stored <= store.cache.entries
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
     assert policed.bytes_needed == plain.bytes_needed
     assert store.hits > 0
+
+
+def test_predicted_sets_with_io_policy_compute_the_same_on_torch_and_tvm(llama):
+    """Predicted sets (the oracle with a tenth of the neurons flipped: misses and false
+    positives), a collapse planner and a cache: the compiled backend keeps the same neurons
+    (its kernel re-checks each read neuron's score), reads the same bytes and counts the
+    same misses as the torch backend."""
+    import torch
+
+    from ripple.runtime_py.tvm_ffn import tvm_ffn
+    from ripple.tuning.sparsity import scores
+
+    desc, layout = llama
+    tm = to_torch(desc)
+    thr = np.full(desc.n_layers, 0.02)
+    flip = torch.from_numpy(np.random.default_rng(1).random((desc.n_layers, desc.d_ffn)) < 0.1)
+
+    def sets(layer, hf):
+        return (scores(tm, layer, hf, "coef")[1] > thr[layer]) ^ flip[layer]
+
+    budget = desc.n_layers * desc.d_ffn * layout.bundle_bytes // 5
+    plan = layer_planner(STRATEGIES["ripple"], PROFILE, 8, desc.d_ffn)
+    got, stats = {}, {}
+    for name, make in (("torch", flash_ffn), ("tvm", tvm_ffn)):
+        store, st = BundleStore(make_cache("s3fifo", budget, layout.bundle_bytes, layout.perm)), IOStats()
+        with FlashReader(layout.path, 8) as reader:
+            got[name] = step_logits(tm, TOKENS, lambda: make(tm, layout, reader, thr, "coef", st, sets=sets,
+                                                             planner=plan, store=store))
+        stats[name] = st
+        assert store.hits > 0
+    np.testing.assert_allclose(got["tvm"], got["torch"], atol=1e-4, rtol=0)
+    t, v = stats["torch"], stats["tvm"]
+    assert (v.bytes_read, v.reads, v.missed, v.extra_bytes) == (t.bytes_read, t.reads, t.missed, t.extra_bytes)
+    assert t.missed > 0 and t.extra_bytes > 0

@@ -34,6 +34,20 @@ def test_cached_decoding_matches_one_full_pass(random_llama_dir):
     np.testing.assert_allclose(torch.cat(steps, 1).numpy(), full.numpy(), atol=1e-4)
 
 
+def test_fp16_kv_cache_decodes_like_the_fp32_one_in_half_the_bytes(random_llama_dir):
+    from ripple.runtime_py.resident import kv_bytes
+    tm = to_torch(load_model(random_llama_dir))
+    tokens = torch.from_numpy(np.random.default_rng(3).integers(0, 128, 12))[None]
+    out = {}
+    for dtype in (torch.float32, torch.float16):
+        cache = new_cache(tm, 1, 12, dtype)
+        steps = [forward(tm, tokens[:, :5], cache)] + [forward(tm, tokens[:, i:i + 1], cache) for i in range(5, 12)]
+        out[dtype] = (torch.cat(steps, 1).numpy(), kv_bytes(cache))
+    assert out[torch.float16][1] * 2 == out[torch.float32][1]
+    np.testing.assert_allclose(out[torch.float16][0], out[torch.float32][0], atol=2e-2)
+    assert (out[torch.float16][0].argmax(-1) == out[torch.float32][0].argmax(-1)).mean() > 0.9
+
+
 def test_left_padded_rows_give_the_same_logits_as_unpadded_ones(random_llama_dir, random_opt_dir):
     for path in (random_llama_dir, random_opt_dir):
         tm = to_torch(load_model(path))

@@ -15,7 +15,7 @@ from ripple.runtime_py.engine import IOStats
 from ripple.runtime_py.reader import FlashReader
 from ripple.tuning.kernels import kernel_view, random_bundles
 
-from kernel_cases import N, assert_close, check_random_active_sets, check_schedule, reference
+from kernel_cases import N, assert_close, check_keep_threshold, check_random_active_sets, check_schedule, reference
 
 D = 64
 SPECS = [BundleSpec("swiglu", D, "fp16"), BundleSpec("swiglu", D, "int8"),
@@ -26,6 +26,12 @@ SPECS = [BundleSpec("swiglu", D, "fp16"), BundleSpec("swiglu", D, "int8"),
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.activation}-{s.dtype}-bias{int(s.has_up_bias)}")
 def test_one_sparse_kernel_matches_numpy_for_every_k(spec):
     check_random_active_sets(spec, (1, 7, N))
+
+
+@pytest.mark.parametrize("spec, keep", [(SPECS[0], "coef"), (SPECS[1], "gate"), (SPECS[3], "coef")],
+                         ids=["swiglu-fp16-coef", "swiglu-int8-gate", "relu-int8-coef"])
+def test_thresholded_kernel_keeps_only_neurons_whose_own_score_clears_it(spec, keep):
+    check_keep_threshold(spec, keep)
 
 
 @pytest.mark.parametrize("knobs", [

@@ -20,7 +20,8 @@ from ripple.tuning.load_gguf import ffn_q4_1_rows
 from ripple.tuning.sparsity import ALL_ACTIVE
 
 from conftest import embedded_gguf
-from kernel_cases import N, check_android_cross_compile, check_random_active_sets, check_schedule
+from kernel_cases import (N, check_android_cross_compile, check_keep_threshold, check_random_active_sets,
+                          check_schedule)
 from test_engine import step_logits
 
 D = 64
@@ -31,6 +32,12 @@ SPECS = [BundleSpec(a, D, dtype, bias) for dtype in DTYPES for a, bias in (("swi
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.dtype}-{s.activation}-bias{int(s.has_up_bias)}")
 def test_kernel_matches_numpy_for_random_active_sets_from_none_to_all(spec):
     check_random_active_sets(spec, (0, 1, 7, 29, N))
+
+
+@pytest.mark.parametrize("spec, keep", [(SPECS[0], "coef"), (SPECS[2], "gate"), (SPECS[3], "coef")],
+                         ids=["q4-swiglu-coef", "q4d8-swiglu-gate", "q4d8-relu-coef"])
+def test_thresholded_kernel_keeps_only_neurons_whose_own_score_clears_it(spec, keep):
+    check_keep_threshold(spec, keep)
 
 
 @pytest.mark.parametrize("dtype, knobs", [

@@ -62,8 +62,8 @@ def test_empty_active_set_reads_nothing():
 
 from ripple.android_host.devices import published_table  # noqa: E402
 from ripple.runtime_py import storage_model as sm  # noqa: E402
-from ripple.runtime_py.planner import (plan_bundles, plan_cheapest, plan_collapse, plan_region,  # noqa: E402
-                                       split_requests)
+from ripple.runtime_py.planner import (aligned_runs, candidate_costs, merge_runs, plan_bundles,  # noqa: E402
+                                       plan_cheapest, plan_collapse, plan_region, split_requests)
 
 SIZES = [4096 << i for i in range(11)]
 QDS = [1, 2, 4, 8, 16, 32]
@@ -116,6 +116,23 @@ def test_every_policy_covers_every_active_bundle_with_aligned_extents(seed, prof
     cov = coverage(plan.extents, region + 401 * bb)
     for s in slots.tolist():
         assert (cov[region + s * bb:region + (s + 1) * bb] >= 1).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("profile", [IOPS_BOUND, BW_BOUND], ids=["iops-bound", "bw-bound"])
+def test_cheapest_prices_every_candidate_as_the_storage_model_prices_its_plan(seed, profile):
+    """candidate_costs prices all (gap, split) plans in one pass; each price must be what
+    batch_s gives the plan merge_runs builds, and plan_cheapest must return the cheapest."""
+    rng = np.random.default_rng(seed)
+    bb, region, qd = int(rng.choice([1368, 3456, 9000])), 4096 * int(rng.integers(1, 5)), int(rng.choice([1, 8, 32]))
+    slots = random_slots(seed, int(rng.integers(50, 2000)), float(rng.uniform(0.02, 0.9)))
+    runs_ = aligned_runs(slots, region, bb, 4096)
+    gaps, splits, cost = candidate_costs(runs_, profile, qd, 4096)
+    for (g, s), c in np.ndenumerate(cost):
+        plan = merge_runs(runs_, region, bb, 4096, int(gaps[g]), int(splits[s]))
+        assert c == pytest.approx(sm.batch_s(profile, plan.extents[:, 1], qd, plan.extents[:, 0]), rel=1e-9)
+    best = plan_cheapest(slots, region, bb, profile, qd)
+    assert sm.batch_s(profile, best.extents[:, 1], qd, best.extents[:, 0]) == pytest.approx(cost.min(), rel=1e-9)
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -67,6 +67,21 @@ def test_saved_predictor_reloads_to_identical_outputs(tiny, tmp_path):
     assert (q.sparsity, q.rank, q.source_hash) == (p.sparsity, p.rank, p.source_hash)
 
 
+def test_int8_predictor_holds_half_the_bytes_and_predicts_nearly_the_same_sets(tiny):
+    from ripple.runtime_py.resident import predictor_bytes
+    from ripple.tuning.predictor import lowrank_sets
+    h = torch.randn(64, tiny.d_model)
+    fp16, int8 = predictor_to_torch(tiny), predictor_to_torch(tiny, "int8")
+    for layer in range(tiny.n_layers):
+        want, got = logits(fp16, layer, h), logits(int8, layer, h)
+        assert (got - want).abs().max() <= 0.05 * want.abs().max()
+        assert (predict(int8, layer, h) == predict(fp16, layer, h)).float().mean() > 0.95
+    # A byte less per matrix value, four more per column's scale.
+    values = sum(a.size + b.size for a, b in zip(tiny.a, tiny.b))
+    columns = sum(a.shape[1] + b.shape[1] for a, b in zip(tiny.a, tiny.b))
+    assert predictor_bytes(lowrank_sets(fp16)) - predictor_bytes(lowrank_sets(int8)) == values - 4 * columns
+
+
 def test_predictor_in_a_layout_folder_is_found_by_folder(tiny, tmp_path):
     p = tiny
     save_predictor(p, tmp_path)

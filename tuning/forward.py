@@ -8,27 +8,32 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import ARCHS, OPT_POSITION_OFFSET, ModelDesc
+from .load_gguf import StoredMatrix, non_ffn_blocks
+from .model import ARCHS, OPT_POSITION_OFFSET, ModelDesc, checkpoint_hash
+from .quantized_matrix import KIND_OF, QuantizedMatrix
 
 # ffn(layer, h) -> FFN output; h is the normalised layer input, (B, T, d).
 FFN = Callable[[int, torch.Tensor], torch.Tensor]
+# A non-FFN matrix: a tensor (fp32, bf16) or GGUF blocks (to_torch_quantized).
+Weight = Union[torch.Tensor, QuantizedMatrix]
 
 
 @dataclass
 class TorchModel:
     desc: ModelDesc
-    embed: torch.Tensor
-    lm_head: torch.Tensor
+    embed: Weight
+    lm_head: Weight
     final_norm: torch.Tensor
     final_norm_b: torch.Tensor | None
     pos_embed: torch.Tensor | None
-    layers: list[dict[str, torch.Tensor | None]]
+    layers: list[dict[str, Weight | None]]
     inv_freq: torch.Tensor | None
 
 
@@ -49,25 +54,78 @@ def to_torch(desc: ModelDesc, dtype: torch.dtype = torch.float32, ffn: bool = Tr
     ffn=False: no FFN weight matrices at all (b_down stays), for engines that read them from
     flash; the returned desc then carries dimensions only, so dropping the caller's desc frees
     the float32 arrays load_model built."""
-    def t(a, as_dtype=torch.float32):
-        if a is None:
-            return None
-        w = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-        return w if as_dtype == torch.float32 else w.to(as_dtype)
+    embed = _t(desc.embed, dtype)
+    lm_head = embed if desc.lm_head is desc.embed else _t(desc.lm_head, dtype)
+    lean = dtype != torch.float32 or not ffn
+    return _torch_model(desc, ffn, lambda layer, name: _t(getattr(desc.layers[layer], name), dtype),
+                        embed, lm_head, lean)
 
+
+def to_torch_quantized(desc: ModelDesc, ffn: bool = False) -> TorchModel:
+    """to_torch with the attention matrices and the embedding/LM head as the GGUF stores them
+    (QuantizedMatrix: Q4_1 or Q8_0 blocks, products by compiled GEMVs), read again from
+    desc.source, the GGUF file desc was loaded from; norms and biases fp32. ffn: as in
+    to_torch (True keeps the FFN matrices in float32). The returned desc carries dimensions
+    only. ValueError for a source that is not that GGUF, or a tensor of another type."""
+    model, layers = _stored_non_ffn(desc)
+
+    def held(m: StoredMatrix) -> QuantizedMatrix:
+        return QuantizedMatrix.from_blocks(m.raw, KIND_OF[m.qtype], m.shape)
+
+    embed = held(model["embed"])
+    lm_head = embed if desc.lm_head is desc.embed else held(model["lm_head"])
+    return _torch_model(desc, ffn, lambda layer, name: held(layers[layer][name]), embed, lm_head, lean=True)
+
+
+def quantizable_non_ffn(desc: ModelDesc) -> bool:
+    """Whether to_torch_quantized takes desc: loaded from a GGUF file whose attention matrices
+    and embedding/LM head are all Q4_1 or Q8_0."""
+    try:
+        _stored_non_ffn(desc)
+    except ValueError:
+        return False
+    return True
+
+
+def _stored_non_ffn(desc: ModelDesc) -> tuple[dict[str, StoredMatrix], list[dict[str, StoredMatrix]]]:
+    """load_gguf.non_ffn_blocks of desc's source, checked against desc (views of the file)."""
+    src = Path(desc.source)
+    if not src.is_file() or src.suffix != ".gguf" or checkpoint_hash(src) != desc.source_hash:
+        raise ValueError(f"{desc.source}: quantized non-FFN weights are the blocks of the GGUF file "
+                         f"the model was loaded from, and this is not it; load a GGUF model, or use "
+                         f"to_torch (bf16/fp32) for this one")
+    model, layers = non_ffn_blocks(src)
+    want = [(model["embed"], desc.embed)] + ([(model["lm_head"], desc.lm_head)] if "lm_head" in model else [])
+    want += [(blocks[name], getattr(lw, name)) for blocks, lw in zip(layers, desc.layers) for name in MATRICES]
+    for m, a in want:
+        if m.qtype not in KIND_OF:
+            raise ValueError(f"{src}: tensor {m.name} is {m.qtype.name}; quantized non-FFN weights "
+                             f"support {sorted(q.name for q in KIND_OF)} (use to_torch for this model)")
+        if m.shape != a.shape:
+            raise ValueError(f"{src}: tensor {m.name} has shape {m.shape}, the model {a.shape}")
+    return model, layers
+
+
+def _t(a, as_dtype=torch.float32):
+    if a is None:
+        return None
+    w = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    return w if as_dtype == torch.float32 else w.to(as_dtype)
+
+
+def _torch_model(desc: ModelDesc, ffn: bool, matrix: Callable[[int, str], Weight],
+                 embed: Weight, lm_head: Weight, lean: bool) -> TorchModel:
+    """The TorchModel of desc with MATRICES from matrix(layer, name), everything else fp32."""
     layers = [{name: None if not ffn and name in FFN_WEIGHTS else
-               t(getattr(lw, name), dtype if name in MATRICES else torch.float32)
-               for name in lw.__dataclass_fields__} for lw in desc.layers]
+               matrix(i, name) if name in MATRICES else _t(getattr(lw, name))
+               for name in lw.__dataclass_fields__} for i, lw in enumerate(desc.layers)]
     inv_freq = None
     if ARCHS[desc.arch]["positions"] == "rope":
         hd = desc.head_dim
         inv_freq = 1.0 / (desc.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
         inv_freq = inv_freq.float()
-    embed = t(desc.embed, dtype)
-    lm_head = embed if desc.lm_head is desc.embed else t(desc.lm_head, dtype)
-    lean = dtype != torch.float32 or not ffn
-    return TorchModel(dims_only(desc) if lean else desc, embed, lm_head, t(desc.final_norm),
-                      t(desc.final_norm_b), t(desc.pos_embed), layers, inv_freq)
+    return TorchModel(dims_only(desc) if lean else desc, embed, lm_head, _t(desc.final_norm),
+                      _t(desc.final_norm_b), _t(desc.pos_embed), layers, inv_freq)
 
 
 def dims_only(desc: ModelDesc) -> ModelDesc:
@@ -76,11 +134,15 @@ def dims_only(desc: ModelDesc) -> ModelDesc:
                                pos_embed=None, layers=[])
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for fp32 x and a weight stored in fp32 or bf16. A bf16 weight computes in bf16
-    (fp32 accumulation inside the kernel, x and the result rounded to bf16): on this CPU
-    (AVX-512 BF16) torch.mv over the 49152x576 LM head took 2.95 ms in bf16 against 8.4 ms
-    in fp32, F.linear 6.1 ms; a 576x576 layer 27 us against 18 us (one thread)."""
+def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for fp32 x and a weight stored in fp32, bf16 or GGUF blocks. A bf16 weight
+    computes in bf16 (fp32 accumulation inside the kernel, x and the result rounded to bf16):
+    on this CPU (AVX-512 BF16) torch.mv over the 49152x576 LM head took 2.95 ms in bf16
+    against 8.4 ms in fp32, F.linear 6.1 ms; a 576x576 layer 27 us against 18 us (one
+    thread). Blocks (QuantizedMatrix) go through the compiled GEMV, in fp32."""
+    if isinstance(w, QuantizedMatrix):
+        y = w.matmul(x)
+        return y if b is None else y + b
     if w.dtype == x.dtype:
         return F.linear(x, w, b)
     if x.numel() == x.shape[-1]:
@@ -91,11 +153,20 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return y if b is None else y + b
 
 
-def new_cache(tm: TorchModel, batch: int, max_len: int) -> KVCache:
+def embedding(embed: Weight, tokens: torch.Tensor) -> torch.Tensor:
+    """float32 (*tokens.shape, d): the looked-up rows only (blocks: only those dequantized)."""
+    if isinstance(embed, QuantizedMatrix):
+        return embed.rows(tokens)
+    return embed[tokens].float()
+
+
+def new_cache(tm: TorchModel, batch: int, max_len: int, dtype: torch.dtype = torch.float32) -> KVCache:
+    """dtype: what keys and values are stored in (float16 halves the DRAM, as llama.cpp's
+    default f16 KV cache); attention widens them back to fp32."""
     d = tm.desc
     shape = (batch, d.n_kv_heads, max_len, d.head_dim)
-    return KVCache([torch.zeros(shape) for _ in range(d.n_layers)],
-                   [torch.zeros(shape) for _ in range(d.n_layers)])
+    return KVCache([torch.zeros(shape, dtype=dtype) for _ in range(d.n_layers)],
+                   [torch.zeros(shape, dtype=dtype) for _ in range(d.n_layers)])
 
 
 def norm(tm: TorchModel, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -150,7 +221,7 @@ def _attention(tm: TorchModel, layer: int, h: torch.Tensor, pos: torch.Tensor,
         start = cache.length
         cache.k[layer][:, :, start:start + T] = k
         cache.v[layer][:, :, start:start + T] = v
-        k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
+        k, v = cache.k[layer][:, :, :start + T].float(), cache.v[layer][:, :, :start + T].float()
     if d.n_kv_heads != d.n_heads:
         rep = d.n_heads // d.n_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -182,7 +253,7 @@ def forward(tm: TorchModel, tokens: torch.Tensor, cache: KVCache | None = None,
         # and NaN values leak through zero attention weights (0 * NaN).
         mask = mask & ((k_idx[None, None, None, :] >= pad[:, None, None, None])
                        | (k_idx[None, :] == q_idx[:, None])[None, None])
-    x = tm.embed[tokens].float()
+    x = embedding(tm.embed, tokens)
     if tm.pos_embed is not None:
         x = x + tm.pos_embed[pos + OPT_POSITION_OFFSET]
     for layer, w in enumerate(tm.layers):

@@ -71,6 +71,47 @@ def ffn_q4_1_rows(path: str | os.PathLike, n_layers: int) -> list[dict[str, np.n
     return out
 
 
+@dataclass
+class StoredMatrix:
+    """A matrix as the GGUF stores it, rows in Hugging Face order (load_gguf's order)."""
+    name: str                    # the GGUF tensor name
+    qtype: Q
+    shape: tuple[int, int]       # (rows, cols) of the values
+    raw: np.ndarray              # uint8 (rows, bytes per row): whole blocks, so a row gather is exact
+
+
+# ModelDesc's non-FFN matrices -> GGUF tensor names ("blk.N." prefixed per layer).
+NON_FFN_MATRICES = {f: _LAYER_TENSORS[f] for f in ("wq", "wk", "wv", "wo")}
+
+
+def non_ffn_blocks(path: str | os.PathLike) -> tuple[dict[str, StoredMatrix], list[dict[str, StoredMatrix]]]:
+    """The stored blocks of the non-FFN matrices, undecoded: ({"embed", and "lm_head" when the
+    file has output.weight}, per layer {"wq", "wk", "wv", "wo"}). attn_q/attn_k rows get the
+    row gather load_gguf applies to their values (unpermute_rope_rows); the others are views
+    of the file."""
+    path = Path(path)
+    reader = _open(path)
+    tensors = _tensors(reader, path)
+    n_layers = int(_meta(reader, path, "llama.block_count"))
+    heads = {"wq": int(_meta(reader, path, "llama.attention.head_count"))}
+    heads["wk"] = int(_meta(reader, path, "llama.attention.head_count_kv", heads["wq"]))
+
+    def stored(name: str, field: str | None = None) -> StoredMatrix:
+        t = tensors.get(name)
+        if t is None:
+            raise ModelLoadError(f"{path}: tensor {name} is missing; re-convert the model with "
+                                 f"llama.cpp's convert_hf_to_gguf.py")
+        raw = unpermute_rope_rows(t.raw, heads[field]) if field in heads else t.raw
+        return StoredMatrix(name, t.qtype, t.shape, raw)
+
+    model = {"embed": stored("token_embd.weight")}
+    if "output.weight" in tensors:
+        model["lm_head"] = stored("output.weight")
+    layers = [{f: stored(f"blk.{i}.{g}.weight", f) for f, g in NON_FFN_MATRICES.items()}
+              for i in range(n_layers)]
+    return model, layers
+
+
 def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo convert_hf_to_gguf.py's LlamaModel.permute, which interleaves the two rotary
     halves of each head (GGML's RoPE rotates adjacent pairs, HF's rotate_half rotates halves)."""
