@@ -220,6 +220,9 @@ def ours_worker(setup: OursSetup, prompt_ids: list[int], tokens: int, threads: i
     from .interface import set_policy
 
     torch.set_num_threads(threads)
+    # The compiled kernels run on TVM's own thread pool, sized when TVM first runs one: the
+    # same thread count as every other configuration.
+    os.environ["TVM_NUM_THREADS"] = str(threads)
     desc = load_model(setup.model)
     layout = open_layout(setup.layout_dir)
     check_source(layout, desc.source_hash)
