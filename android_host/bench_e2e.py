@@ -45,6 +45,7 @@ BACKEND = "tvm"
 # 0.998), keys and values in fp16 as llama.cpp's default KV cache.
 PREDICTOR_DRAM = "int8"
 KV_DTYPE = "float16"
+READ_AHEAD = 2             # layers (runtime_py.read_ahead)
 MIN_TOKENS = 32            # the floor for per-token medians and p90
 DEFAULT_PROMPT = ("Write a long, detailed story about a lighthouse keeper who finds a message in a "
                   "bottle. Describe the sea, the weather and every day of the week that follows.")
@@ -211,6 +212,7 @@ def ours_worker(setup: OursSetup, prompt_ids: list[int], tokens: int, threads: i
     from ..layout.reader import check_source, open_layout
     from ..runtime_py.cache import BundleStore
     from ..runtime_py.engine import IOStats, ffn_backend, generate, report
+    from ..runtime_py.read_ahead import ReadAhead
     from ..runtime_py.reader import FlashReader
     from ..runtime_py.strategies import STRATEGIES, build_cache, layer_planner
     from ..tuning.checkpoint import load_model
@@ -249,9 +251,13 @@ def ours_worker(setup: OursSetup, prompt_ids: list[int], tokens: int, threads: i
     tm = to_torch_quantized(desc) if quantizable_non_ffn(desc) else to_torch(desc, torch.bfloat16, ffn=False)
     n_neurons = desc.n_layers * n
     del desc
-    with FlashReader(layout.path, queue_depth) as reader:
+    # Layers read whole (every one when dense, else those whose last plan read nearly all of
+    # their region) are read READ_AHEAD layers early, overlapping the compute in between.
+    with FlashReader(layout.path, queue_depth) as reader, \
+            ReadAhead(layout, queue_depth, READ_AHEAD, "all" if dense else "auto") as ahead:
         gen = generate(tm, layout, reader, thresholds, criterion, prompt_ids, tokens, None, BACKEND,
-                       policy, planner, store, measure_misses=False, kv_dtype=getattr(torch, KV_DTYPE))
+                       policy, planner, store, measure_misses=False, kv_dtype=getattr(torch, KV_DTYPE),
+                       ahead=ahead)
         rep = report(gen, reader, n_neurons, label)
         rss = _rss()
         ppl = perplexity(tm, [np.asarray(s, np.int64) for s in seqs],

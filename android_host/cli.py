@@ -10,7 +10,7 @@ import sys
 
 from .flag_types import check_flags, check_paths, output_dir, output_file
 from .flag_types import fraction as _fraction, fraction_or_one as _fraction_or_one
-from .flag_types import nonneg_float as _nonneg_float, positive as _positive
+from .flag_types import count as _count, nonneg_float as _nonneg_float, positive as _positive
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=_positive, default=16)
     p.add_argument("--sparsity", type=_fraction, help="default: the one recorded by `ripple pack --profile`")
     p.add_argument("--queue-depth", type=_positive, default=32)
+    p.add_argument("--read-ahead", type=_count, default=2,
+                   help="layers ahead that a nearly whole layer is read, overlapping compute (0: off)")
     p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     p.add_argument("--buffered", action="store_true", help="read through the page cache (not flash timing)")
     p.add_argument("--backend", choices=["torch", "tvm"], default="torch",
@@ -180,7 +182,8 @@ def _print_generation(r: dict) -> None:
                                                     io["bytes_needed_per_token"], io["reads_per_token"],
                                                     io["effective_bw_MBps"], io["active_fraction_per_token"])):
         print(f"{i:>4} {ms:8.1f} {br / 1e6:8.2f} {bn / 1e6:9.2f} {rd:6d} {bw:9.0f} {af:7.1%}")
-    print(f"median per token: {s['token_ms_median']:.1f} ms ({s['io_ms_median']:.1f} ms I/O, "
+    print(f"median per token: {s['token_ms_median']:.1f} ms ({s['io_ms_median']:.1f} ms I/O waited, "
+          f"{s['io_hidden_ms_median']:.1f} ms read ahead behind compute, "
           f"{s['compute_ms_median']:.1f} ms compute); {s['bytes_read_median'] / 1e6:.2f} MB read, "
           f"{s['bytes_needed_median'] / 1e6:.2f} MB needed, {s['reads_median']:.0f} reads")
     res = r.get("resident")
@@ -237,7 +240,7 @@ def _run_generate(args) -> None:
     _print_generation(api.generate_cmd(args.layout, args.model, args.prompt, args.tokens, args.sparsity,
                                        args.queue_depth, not args.no_chat, not args.buffered, args.json,
                                        args.backend, args.sets, args.predictor, args.verify,
-                                       not args.no_measure_misses, args.non_ffn_dtype))
+                                       not args.no_measure_misses, args.non_ffn_dtype, args.read_ahead))
 
 
 def _run_devices(args) -> None:

@@ -105,7 +105,7 @@ FLAG_CHECKS = {
     "epochs": positive, "k": positive, "calib_tokens": positive, "heldout_tokens": positive,
     "seq_len": positive, "trials": positive, "synthetic_layers": positive,
     "synthetic_neurons": positive, "timing_layers": positive, "timing_neurons": positive,
-    "warmup": count, "layer": count, "rpc_timeout": positive_float,
+    "warmup": count, "layer": count, "read_ahead": count, "rpc_timeout": positive_float,
     "profile": made_by("ripple profile"), "placement": made_by("ripple place"),
     "predictor": made_by("ripple train-predictor"), "text": input_file, "model": input_path,
     "json": output_file, "out": output_path,

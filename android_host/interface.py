@@ -2,6 +2,7 @@
 directly. Each writes its output atomically: a failed verb leaves no half-written file."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from ..layout.pack import write_layout
 from ..layout.quantization import QuantizationReport, encode_layer
 from ..layout.reader import block_checks, check_source, describe, open_layout, verify_layout
 from ..runtime_py.engine import generate, report
+from ..runtime_py.read_ahead import ReadAhead
 from ..runtime_py.reader import FlashReader
 from ..tuning.calibration import (CALIBRATION_PROMPTS, HELDOUT_PROMPTS, file_sequences,
                                   sample_sequences, split_heldout)
@@ -133,13 +135,15 @@ def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What 
                  tokens: int = 16, sparsity: float | None = None, queue_depth: int = 32,
                  chat: bool = True, o_direct: bool = True, json_out: str | None = None,
                  backend: str = "torch", sets: str | None = None, predictor: str | None = None,
-                 verify: bool = False, measure_misses: bool = True, non_ffn_dtype: str = "bf16") -> dict:
+                 verify: bool = False, measure_misses: bool = True, non_ffn_dtype: str = "bf16",
+                 read_ahead: int = 2) -> dict:
     """sets: "predicted" (default when the layout folder holds predictor.npz, or --predictor is
     given) or "oracle" (true sets computed beside the engine; measurement only).
     verify: check every block read against its CRC (layout.block_crc; costs CPU per byte read).
     measure_misses: with predicted sets, score the oracle beside the engine (missed neurons,
     extra bytes); off, no FFN weight is kept in DRAM. non_ffn_dtype: "bf16" or "fp32" storage
-    of attention and embedding/LM-head matrices (tuning.forward.to_torch)."""
+    of attention and embedding/LM-head matrices (tuning.forward.to_torch). read_ahead: layers a
+    nearly whole layer's region is read early, overlapping compute (runtime_py.read_ahead; 0: off)."""
     if tokens < 1:
         raise ValueError(f"--tokens {tokens}: must be at least 1")
     path = model or default_model_path()
@@ -167,9 +171,11 @@ def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What 
     else:
         ids = list(tok(prompt)["input_ids"])
     checks = block_checks(layout) if verify else None
-    with FlashReader(layout.path, queue_depth, o_direct, checks=checks) as reader:
+    with FlashReader(layout.path, queue_depth, o_direct, checks=checks) as reader, \
+            (ReadAhead(layout, queue_depth, read_ahead, o_direct=o_direct, checks=checks) if read_ahead
+             else contextlib.nullcontext()) as ahead:
         gen = generate(tm, layout, reader, thresholds, meta.get("criterion", "coef"), ids, tokens, tok,
-                       backend, policy, measure_misses=measure_misses)
+                       backend, policy, measure_misses=measure_misses, ahead=ahead)
         rep = report(gen, reader, n_neurons, label)
     out = {"model": str(path), "layout": str(layout.path), "sparsity": sparsity, "prompt": prompt,
            "text": gen.text, "tokens": gen.tokens, **rep}

@@ -41,6 +41,7 @@ class IOStats:
     active: int = 0           # active neurons summed over layers
     missed: int = 0           # predicted sets: truly active (token, neuron) pairs not read
     extra_bytes: int = 0      # predicted sets: bundle bytes read for neurons no token needed
+    hidden_seconds: float = 0.0   # read time overlapped with compute (runtime_py.read_ahead)
 
 
 def gather(res: ReadResult, plan: Plan, region_offset: int, bundle_bytes: int,
@@ -93,14 +94,31 @@ def set_chooser(tm: TorchModel, thresholds: np.ndarray, criterion: str, stats: I
 
 
 def fetch(layout: Layout, reader: FlashReader, layer: int, wanted: np.ndarray, stats: IOStats,
-          planner=None, store=None, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+          planner=None, store=None, out: np.ndarray | None = None, ahead=None) -> tuple[np.ndarray, np.ndarray]:
     """The bytes of the bundles of neurons `wanted` (unique ids): (rows (k, bundle_bytes) uint8,
     their ids), the ones read from flash in slot order, then the cache's hits. Counts the I/O.
     planner: None (one read per run) or (slots, region_offset, bundle_bytes, align) -> Plan,
     e.g. runtime_py.strategies.layer_planner (access collapse from a device profile).
     store: None or a runtime_py.cache.BundleStore: bundles it holds are not read.
-    out: (k, bundle_bytes) uint8 to fill instead, e.g. the buffer the compiled graph allocated."""
+    out: (k, bundle_bytes) uint8 to fill instead, e.g. the buffer the compiled graph allocated.
+    ahead: None or a runtime_py.read_ahead.ReadAhead: a layer it read whole comes from there
+    (the cache is not consulted: every bundle is in hand), the others are planned and read
+    here and tell it how much of their region the plan read."""
     bb = layout.bundle_bytes
+    if out is None:
+        out = np.empty((len(wanted), bb), dtype=np.uint8)
+    got = ahead.take(layer) if ahead is not None else None
+    if got is not None:
+        res, waited = got
+        slots = np.sort(layout.slot_of[layer][wanted])
+        ahead.rows(res, layer, slots, out)
+        stats.seconds += waited
+        stats.hidden_seconds += max(res.seconds - waited, 0.0)
+        stats.bytes_read += res.bytes_read
+        stats.reads += res.reads
+        stats.bytes_needed += len(wanted) * bb
+        stats.active += len(wanted)
+        return out, layout.perm[layer][slots]
     hit = store.access(layer, wanted) if store is not None else None
     # Taken before `keep`: admitting this step's misses may evict a bundle that just hit.
     any_hit = hit is not None and hit.any()
@@ -109,9 +127,9 @@ def fetch(layout: Layout, reader: FlashReader, layer: int, wanted: np.ndarray, s
     slots = np.sort(layout.slot_of[layer][miss])
     region = int(layout.region_offsets[layer])
     plan = (planner or plan_reads)(slots, region, bb, layout.alignment)
+    if ahead is not None:
+        ahead.note_plan(layer, plan.bytes_read)
     res = reader.read(plan.extents)
-    if out is None:
-        out = np.empty((len(wanted), bb), dtype=np.uint8)
     gather(res, plan, region, bb, out=out[:len(slots)])
     read_ids = layout.perm[layer][slots]
     if store is not None:
@@ -130,9 +148,9 @@ def fetch(layout: Layout, reader: FlashReader, layer: int, wanted: np.ndarray, s
 
 def flash_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np.ndarray,
               criterion: str, stats: IOStats, sets=None, planner=None, store=None,
-              measure_misses: bool = True) -> FFN:
+              measure_misses: bool = True, ahead=None) -> FFN:
     """sets: None for the oracle, or a set policy (layer, h) -> predicted mask.
-    planner, store: the I/O policy (see fetch).
+    planner, store, ahead: the I/O policy (see fetch).
     measure_misses: with predicted sets, also score the oracle set (from the DRAM copy of the
     FFN weights) to count missed neurons and extra bytes; off, the engine needs no FFN weight
     in DRAM (tuning.forward.to_torch(..., ffn=False)) and stats.missed/extra_bytes stay 0."""
@@ -145,7 +163,7 @@ def flash_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: n
         hf = h.reshape(-1, shape[-1])
         want = choose(layer, hf)
         rows, read_ids = fetch(layout, reader, layer, np.flatnonzero(want.any(0).numpy()), stats,
-                               planner, store)
+                               planner, store, ahead=ahead)
         # Down columns only of neurons some token keeps (with predicted sets ~45% of those read).
         b = decode_tensors(spec, rows, GEMV_PARTS)
         ids = torch.from_numpy(read_ids)
@@ -204,12 +222,13 @@ BACKENDS = ("torch", "tvm")
 def generate(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np.ndarray,
              criterion: str, prompt_ids: list[int], n_tokens: int, tokenizer=None,
              backend: str = "torch", sets=None, planner=None, store=None,
-             measure_misses: bool = True, kv_dtype: torch.dtype = torch.float32) -> Generation:
+             measure_misses: bool = True, kv_dtype: torch.dtype = torch.float32, ahead=None) -> Generation:
     """Greedy decoding, one token at a time, FFN from flash; sets: None (oracle) or a set policy;
-    planner, store: the I/O policy; measure_misses: see flash_ffn; kv_dtype: the KV cache's
-    storage (tuning.forward.new_cache)."""
+    planner, store, ahead: the I/O policy; measure_misses: see flash_ffn; kv_dtype: the KV
+    cache's storage (tuning.forward.new_cache)."""
     make_ffn = ffn_backend(backend)
-    policy = {"sets": sets, "planner": planner, "store": store, "measure_misses": measure_misses}
+    policy = {"sets": sets, "planner": planner, "store": store, "measure_misses": measure_misses,
+              "ahead": ahead}
     cache = new_cache(tm, 1, len(prompt_ids) + n_tokens, kv_dtype)
     pre = IOStats()
     t0 = time.perf_counter()
@@ -244,6 +263,8 @@ def report(gen: Generation, reader: FlashReader, n_ffn_neurons: int, sets: str =
         "fallback_reason": reader.fallback_reason,
         "queue_depth": reader.queue_depth,
         "per_token_ms": ms,
+        # Read time overlapped with compute by read-ahead (not in per_token_ms, which is waited).
+        "hidden_ms_per_token": [s.hidden_seconds * 1e3 for s in gen.steps],
         "bytes_read_per_token": [s.bytes_read for s in gen.steps],
         "bytes_needed_per_token": [s.bytes_needed for s in gen.steps],
         "reads_per_token": [s.reads for s in gen.steps],
@@ -263,6 +284,7 @@ def report(gen: Generation, reader: FlashReader, n_ffn_neurons: int, sets: str =
         "tokens": len(gen.steps),
         "token_ms_median": med([s * 1e3 for s in gen.step_seconds]),
         "io_ms_median": med(ms),
+        "io_hidden_ms_median": med(io["hidden_ms_per_token"]),
         "compute_ms_median": med([(t - s.seconds) * 1e3 for t, s in zip(gen.step_seconds, gen.steps)]),
         "bytes_read_median": med(io["bytes_read_per_token"]),
         "bytes_needed_median": med(io["bytes_needed_per_token"]),

@@ -42,12 +42,13 @@ class FlashHook:
         self.layout: Layout | None = None
         self.reader: FlashReader | None = None
         self.stats: IOStats | None = None
-        self.planner = self.store = None
+        self.planner = self.store = self.ahead = None
 
-    def bind(self, layout: Layout, reader: FlashReader, stats: IOStats, planner=None, store=None) -> None:
-        """planner, store: the I/O policy, as engine.fetch takes it."""
+    def bind(self, layout: Layout, reader: FlashReader, stats: IOStats, planner=None, store=None,
+             ahead=None) -> None:
+        """planner, store, ahead: the I/O policy, as engine.fetch takes it."""
         self.layout, self.reader, self.stats = layout, reader, stats
-        self.planner, self.store = planner, store
+        self.planner, self.store, self.ahead = planner, store, ahead
 
     def __call__(self, layer, ids, out) -> None:
         self.read(int(layer), np.from_dlpack(ids), np.from_dlpack(out))
@@ -59,7 +60,8 @@ class FlashHook:
         if lay is None:
             raise RuntimeError(f"{FLASH_READ} called before a layout was bound")
         raw = out.view(np.uint8).reshape(len(ids), lay.bundle_bytes)
-        return fetch(lay, self.reader, layer, ids, self.stats, self.planner, self.store, out=raw)[1]
+        return fetch(lay, self.reader, layer, ids, self.stats, self.planner, self.store, out=raw,
+                     ahead=self.ahead)[1]
 
 
 HOOK = FlashHook()
@@ -74,13 +76,13 @@ def layer_vm(spec: BundleSpec, knobs: Knobs, keep: str | None = None) -> relax.V
 
 def tvm_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np.ndarray,
             criterion: str, stats: IOStats, sets=None, planner=None, store=None,
-            measure_misses: bool = True) -> FFN:
+            measure_misses: bool = True, ahead=None) -> FFN:
     """engine.flash_ffn's signature and policies, computed by the compiled graph."""
     spec = layout.spec
     keep = None if sets is None else criterion
     vm = layer_vm(spec, knobs_for(spec, TARGET)[0], keep)
     main, per_token = vm["main"], vm["ffn_bundles"]
-    HOOK.bind(layout, reader, stats, planner, store)
+    HOOK.bind(layout, reader, stats, planner, store, ahead)
     cols, view = buffer_cols(spec), np.dtype(VIEW_DTYPE[spec.dtype])
     choose = set_chooser(tm, thresholds, criterion, stats, layout.bundle_bytes, sets, measure_misses)
 

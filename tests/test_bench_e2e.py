@@ -87,10 +87,11 @@ def test_ours_workers_run_the_engine_and_count_what_it_holds(tiny_setup):
     r = assemble("tiny", len(prompt), 1, {}, raw)
     ours, dense = r["configs"]["ours"], r["configs"]["ours-dense"]
     assert tuple(ours) == CONFIG_KEYS
-    # Dense reads every bundle of every layer each token; ours only its sets' misses.
+    # Dense reads every bundle of every layer each token; ours its sets' misses, or a whole
+    # region read ahead where its last plan read nearly all of it (runtime_py.read_ahead).
     n_layers, n, bb = 2, 192, bench_e2e._bundle_bytes(setup.layout_dir)
     assert dense["bytes_read_per_token"] >= n_layers * n * bb
-    assert 0 < ours["bytes_read_per_token"] < dense["bytes_read_per_token"]
+    assert 0 < ours["bytes_read_per_token"] <= dense["bytes_read_per_token"]
     held = raw["ours"]["resident"]
     assert held["ffn_cache"] <= setup.budget_bytes and held["predictor"] > 0
     assert held["ffn_weights_dram_copy"] == raw["ours-dense"]["resident"]["ffn_weights_dram_copy"] == 0

@@ -85,3 +85,32 @@ def test_predicted_sets_with_io_policy_compute_the_same_on_torch_and_tvm(llama):
     t, v = stats["torch"], stats["tvm"]
     assert (v.bytes_read, v.reads, v.missed, v.extra_bytes) == (t.bytes_read, t.reads, t.missed, t.extra_bytes)
     assert t.missed > 0 and t.extra_bytes > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "tvm"])
+@pytest.mark.parametrize("layers", ["all", "auto"])
+def test_read_ahead_gives_the_same_logits_and_reads_whole_regions_ahead(llama, backend, layers):
+    """Regions read ahead on background readers: the same logits as reading on demand; with
+    layers="all" every layer's bytes come from there (whole regions); with "auto" the layers
+    whose last plan read nearly all of their region, so at least the on-demand bytes and at
+    most whole regions."""
+    from ripple.runtime_py.read_ahead import ReadAhead
+    from ripple.runtime_py.tvm_ffn import tvm_ffn
+
+    desc, layout = llama
+    tm = to_torch(desc)
+    thr = np.full(desc.n_layers, -1.0) if layers == "all" else np.full(desc.n_layers, 0.02)
+    make = flash_ffn if backend == "torch" else tvm_ffn
+    plain, ahead_stats = IOStats(), IOStats()
+    with FlashReader(layout.path, 8) as reader:
+        ref = step_logits(tm, TOKENS, lambda: make(tm, layout, reader, thr, "coef", plain))
+        with ReadAhead(layout, 8, depth=2, layers=layers) as ahead:
+            got = step_logits(tm, TOKENS, lambda: make(tm, layout, reader, thr, "coef", ahead_stats, ahead=ahead))
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    assert ahead_stats.bytes_needed == plain.bytes_needed
+    whole = (len(TOKENS) - 3) * desc.n_layers * ahead.region_bytes     # a prompt step, then one per token
+    if layers == "all":
+        assert ahead_stats.bytes_read == whole
+        assert ahead_stats.hidden_seconds > 0
+    else:
+        assert plain.bytes_read < ahead_stats.bytes_read < whole

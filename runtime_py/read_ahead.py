@@ -1,0 +1,95 @@
+"""Whole-layer reads issued ahead of the compute, so a layer's bytes arrive while earlier
+layers run.
+
+A weakly sparse model's active set covers most of each layer (SmolLM2 at sparsity 0.6: the
+predicted sets fill ~90% of the FFN bytes), and then the cheapest plan is the whole region
+anyway; its reads need no active set, so they can start `depth` layers early (wrapping into
+the next token's first layers) and overlap the attention and FFN compute in between, as a
+streaming engine overlaps its reads. A layer is read ahead when its last plan read at least
+`whole_fraction` of its region (`note_plan`), or always (`layers="all"`, e.g. the dense
+configuration); the others are fetched on demand as before.
+
+Each in-flight layer has its own FlashReader (and buffer): depth + 1 readers cycle, so the
+buffer of layer l is reused only when layer l + depth + 1 is issued, after l's FFN is done.
+What a step waits for is counted as its I/O time; the rest of the read was hidden.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from ..layout.reader import Layout
+from .planner import plan_reads
+from .reader import FlashReader, ReadResult
+
+REQUEST_BYTES = 1 << 20          # whole regions go out in requests of this size
+
+
+class ReadAhead:
+    def __init__(self, layout: Layout, queue_depth: int, depth: int = 2, layers: str = "auto",
+                 whole_fraction: float = 0.9, request_bytes: int = REQUEST_BYTES, o_direct: bool = True,
+                 checks=None):
+        """o_direct, checks: as FlashReader takes them (the readers ahead read like the main one)."""
+        if depth < 1:
+            raise ValueError(f"read-ahead depth {depth}: at least 1 layer")
+        if layers not in ("auto", "all"):
+            raise ValueError(f"read-ahead layers {layers!r}: 'auto' or 'all'")
+        self.layout, self.depth, self.whole_fraction = layout, int(depth), float(whole_fraction)
+        L, n = layout.perm.shape
+        self.n_layers = L
+        self.whole = np.full(L, layers == "all")
+        bb = layout.bundle_bytes
+        self.region_bytes = -(-n * bb // layout.alignment) * layout.alignment
+        self.extents = [plan_reads(np.arange(n), int(layout.region_offsets[l]), bb, layout.alignment,
+                                   max_request_bytes=request_bytes).extents for l in range(L)]
+        self.readers = [FlashReader(layout.path, queue_depth, o_direct, checks=checks)
+                        for _ in range(self.depth + 1)]
+        self.pool = ThreadPoolExecutor(1)
+        self.pending: dict[int, Future] = {}
+        self.next_reader = 0
+
+    def note_plan(self, layer: int, bytes_read: int) -> None:
+        """The bytes an on-demand plan of `layer` read: whole enough, and it is read ahead."""
+        self.whole[layer] = bytes_read >= self.whole_fraction * self.region_bytes
+
+    def rows(self, res: ReadResult, layer: int, slots: np.ndarray, out: np.ndarray) -> None:
+        """Copy the bundles at `slots` of a region read ahead into out (len(slots), bundle_bytes)."""
+        bb, n = self.layout.bundle_bytes, self.layout.perm.shape[1]
+        base = int(self.layout.region_offsets[layer] - self.extents[layer][0, 0])
+        np.take(res.buffer[base:base + n * bb].reshape(n, bb), slots, axis=0, out=out)
+
+    def take(self, layer: int) -> tuple[ReadResult, float] | None:
+        """The region of `layer` read ahead (waiting for it if still in flight) and the seconds
+        waited; None when the layer is not read ahead. Issues the layer `depth` ahead."""
+        if not self.pending and self.whole.any():
+            for ahead in range(self.depth):          # the first call starts the pipeline
+                self._issue((layer + ahead) % self.n_layers)
+        got = self.pending.pop(layer, None)
+        self._issue((layer + self.depth) % self.n_layers)
+        if got is None:
+            return None
+        t0 = time.perf_counter()
+        res = got.result()
+        return res, time.perf_counter() - t0
+
+    def _issue(self, layer: int) -> None:
+        if not self.whole[layer] or layer in self.pending:
+            return
+        r = self.readers[self.next_reader]
+        self.next_reader = (self.next_reader + 1) % len(self.readers)
+        self.pending[layer] = self.pool.submit(r.read, self.extents[layer])
+
+    def close(self) -> None:
+        for f in self.pending.values():
+            f.exception()                # none may still write into a buffer being freed
+        self.pool.shutdown()
+        for r in self.readers:
+            r.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
