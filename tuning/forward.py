@@ -171,7 +171,7 @@ def new_cache(tm: TorchModel, batch: int, max_len: int, dtype: torch.dtype = tor
 
 def norm(tm: TorchModel, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     if ARCHS[tm.desc.arch]["norm"] == "rms":
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + tm.desc.norm_eps) * w
+        return F.rms_norm(x, (x.shape[-1],), w, tm.desc.norm_eps)
     return F.layer_norm(x, (x.shape[-1],), w, b, tm.desc.norm_eps)
 
 
@@ -205,27 +205,34 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + rotated * sin
 
 
-def _attention(tm: TorchModel, layer: int, h: torch.Tensor, pos: torch.Tensor,
-               mask: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+def _rotation(tm: TorchModel, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """RoPE's (cos, sin) at these positions, (B or 1, 1, T, head_dim): once per forward, for
+    every layer (per layer they were ~5% of a decode step's torch calls)."""
+    if tm.inv_freq is None:
+        return None
+    freqs = pos.float()[..., None] * tm.inv_freq                      # (B or 1, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]                  # (B or 1, 1, T, hd)
+    return emb.cos(), emb.sin()
+
+
+def _attention(tm: TorchModel, layer: int, h: torch.Tensor, rot, mask: torch.Tensor | None,
+               cache: KVCache | None) -> torch.Tensor:
+    """mask: None when every query sees every key (a decode step)."""
     d, w = tm.desc, tm.layers[layer]
     B, T, _ = h.shape
     q = linear(h, w["wq"], w["bq"]).view(B, T, d.n_heads, d.head_dim).transpose(1, 2)
     k = linear(h, w["wk"], w["bk"]).view(B, T, d.n_kv_heads, d.head_dim).transpose(1, 2)
     v = linear(h, w["wv"], w["bv"]).view(B, T, d.n_kv_heads, d.head_dim).transpose(1, 2)
-    if tm.inv_freq is not None:
-        freqs = pos.float()[..., None] * tm.inv_freq                  # (B or 1, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]              # (B or 1, 1, T, hd)
-        q, k = _rope(q, emb.cos(), emb.sin()), _rope(k, emb.cos(), emb.sin())
+    if rot is not None:
+        q, k = _rope(q, *rot), _rope(k, *rot)
     start = 0
     if cache is not None:
         start = cache.length
         cache.k[layer][:, :, start:start + T] = k
         cache.v[layer][:, :, start:start + T] = v
         k, v = cache.k[layer][:, :, :start + T].float(), cache.v[layer][:, :, :start + T].float()
-    if d.n_kv_heads != d.n_heads:
-        rep = d.n_heads // d.n_kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    # Grouped-query heads share their key/value head inside SDPA (no repeated copies).
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=d.n_kv_heads != d.n_heads)
     return linear(out.transpose(1, 2).reshape(B, T, -1), w["wo"], w["bo"])
 
 
@@ -256,8 +263,11 @@ def forward(tm: TorchModel, tokens: torch.Tensor, cache: KVCache | None = None,
     x = embedding(tm.embed, tokens)
     if tm.pos_embed is not None:
         x = x + tm.pos_embed[pos + OPT_POSITION_OFFSET]
+    rot = _rotation(tm, pos)
+    if T == 1 and pad is None:
+        mask = None                      # one query after the cache: it sees every key
     for layer, w in enumerate(tm.layers):
-        x = x + _attention(tm, layer, norm(tm, x, w["attn_norm"], w["attn_norm_b"]), pos, mask, cache)
+        x = x + _attention(tm, layer, norm(tm, x, w["attn_norm"], w["attn_norm_b"]), rot, mask, cache)
         x = x + ffn(layer, norm(tm, x, w["ffn_norm"], w["ffn_norm_b"]))
     if cache is not None:
         cache.length += T
