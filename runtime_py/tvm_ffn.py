@@ -90,9 +90,12 @@ def tvm_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np.
     cols, view = buffer_cols(spec), np.dtype(VIEW_DTYPE[spec.dtype])
     choose = set_chooser(tm, thresholds, criterion, stats, bb, sets, measure_misses)
 
+    # Oracle sets read exactly the neurons that clear it: the kernel keeps all it is given.
+    by_score = [tvm.runtime.tensor(np.array([t], np.float32)) for t in thresholds]
+    keep_all = tvm.runtime.tensor(np.array([-1.0], np.float32))
+
     def threshold(layer: int, kept_by_score: bool) -> tvm.runtime.Tensor:
-        # Oracle sets read exactly the neurons that clear it: the kernel keeps all it is given.
-        return tvm.runtime.tensor(np.array([thresholds[layer] if kept_by_score else -1.0], np.float32))
+        return by_score[layer] if kept_by_score else keep_all
 
     def whole(layer: int, x: np.ndarray, got) -> np.ndarray:
         count_ahead(stats, got, n * bb, n)          # the set is found among all n: all needed

@@ -1,6 +1,7 @@
 """Hostile bytes in the header and manifest parsers: random bytes, truncations, flipped bits,
 absurd sizes always end in a LayoutError (or a layout that is valid), never in another
 exception, a hang, or a huge allocation."""
+import copy
 import json
 import os
 import struct
@@ -173,7 +174,9 @@ def test_manifest_with_any_field_replaced_is_refused_or_valid(packed, data):
         try:
             for k in path[:-1]:
                 target = target[k]
-            target[path[-1]] = data.draw(_ABSURD)
+            # A copy: sampled_from hands out the same [] / {} each time, and one placed inside
+            # another would make the document circular.
+            target[path[-1]] = copy.deepcopy(data.draw(_ABSURD))
         except (KeyError, IndexError, TypeError):   # an earlier replacement removed the parent
             pass
     m = _parse_manifest(json.dumps(doc).encode())
