@@ -21,7 +21,7 @@ import torch
 import tvm
 from tvm import relax
 
-from ..compile.build import build_graph, knobs_for
+from ..compile.build import build_graph, build_sparse, knobs_for
 from ..compile.ffn import VIEW_DTYPE, buffer_cols
 from ..compile.graph import FLASH_READ
 from ..compile.schedule import Knobs
@@ -69,6 +69,13 @@ tvm.register_global_func(FLASH_READ, HOOK, override=True)
 
 
 @functools.lru_cache(maxsize=8)
+def kernel(spec: BundleSpec, knobs: Knobs, keep: str) -> tvm.runtime.Function:
+    """The thresholded kernel alone, main(x, bundles, thr, y): a whole layer read ahead calls it
+    directly into a reused output, without the graph's allocation and VM call per layer."""
+    return build_sparse(spec, TARGET, knobs, keep)["main"]
+
+
+@functools.lru_cache(maxsize=8)
 def layer_vm(spec: BundleSpec, knobs: Knobs, keep: str | None = None) -> relax.VirtualMachine:
     """The compiled graph for one bundle spec (compiled once per process, ~0.2 s)."""
     return relax.VirtualMachine(build_graph(spec, TARGET, knobs, keep), tvm.cpu())
@@ -84,8 +91,11 @@ def tvm_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np.
     token's own set, the neurons whose score clears the layer's threshold, among all of them:
     the oracle's set at the cost of the predictor's, with no neuron missed."""
     spec, bb, n = layout.spec, layout.bundle_bytes, tm.desc.d_ffn
-    vm = layer_vm(spec, knobs_for(spec, TARGET)[0], criterion)
+    knobs = knobs_for(spec, TARGET)[0]
+    vm = layer_vm(spec, knobs, criterion)
     main, per_token = vm["main"], vm["ffn_bundles"]
+    direct = kernel(spec, knobs, criterion) if ahead is not None else None
+    y_whole = tvm.runtime.tensor(np.zeros(spec.d_model, np.float32))
     HOOK.bind(layout, reader, stats, planner, store, ahead)
     cols, view = buffer_cols(spec), np.dtype(VIEW_DTYPE[spec.dtype])
     choose = set_chooser(tm, thresholds, criterion, stats, bb, sets, measure_misses)
@@ -101,8 +111,11 @@ def tvm_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np.
         count_ahead(stats, got, n * bb, n)          # the set is found among all n: all needed
         base = int(layout.region_offsets[layer] - ahead.extents[layer][0, 0])
         rows = tvm.runtime.from_dlpack(got[0].buffer[base:base + n * bb].view(view).reshape(n, cols))
-        thr = threshold(layer, True)
-        return np.stack([per_token(tvm.runtime.tensor(xt), rows, thr).numpy() for xt in x])
+        thr, out = threshold(layer, True), np.empty_like(x)
+        for t, xt in enumerate(x):
+            direct(tvm.runtime.tensor(xt), rows, thr, y_whole)
+            out[t] = y_whole.numpy()
+        return out
 
     def ffn(layer: int, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
