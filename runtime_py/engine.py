@@ -111,8 +111,8 @@ def fetch(layout: Layout, reader: FlashReader, layer: int, wanted: np.ndarray, s
         out = np.empty((len(wanted), bb), dtype=np.uint8)
     if got is not None:
         slots = np.sort(layout.slot_of[layer][wanted])
-        ahead.rows(got[0], layer, slots, out)
-        count_ahead(stats, got, len(wanted) * bb, len(wanted))
+        np.take(ahead.region(got[0], layer), slots, axis=0, out=out)
+        count_read(stats, *got, len(wanted) * bb, len(wanted))
         return out, layout.perm[layer][slots]
     hit = store.access(layer, wanted) if store is not None else None
     # Taken before `keep`: admitting this step's misses may evict a bundle that just hit.
@@ -133,17 +133,12 @@ def fetch(layout: Layout, reader: FlashReader, layer: int, wanted: np.ndarray, s
     if hit_rows is not None:
         out[len(slots):] = hit_rows
         ids = np.concatenate((read_ids, wanted[hit]))
-    stats.seconds += res.seconds
-    stats.bytes_read += res.bytes_read
-    stats.reads += res.reads
-    stats.bytes_needed += len(wanted) * bb
-    stats.active += len(wanted)
+    count_read(stats, res, res.seconds, len(wanted) * bb, len(wanted))
     return out, ids
 
 
-def count_ahead(stats: IOStats, got, bytes_needed: int, active: int) -> None:
-    """Count a region read ahead: what the step waited for is its I/O time, the rest was hidden."""
-    res, waited = got
+def count_read(stats: IOStats, res: ReadResult, waited: float, bytes_needed: int, active: int) -> None:
+    """Count a read: what the step waited for is its I/O time, the rest (a read ahead) was hidden."""
     stats.seconds += waited
     stats.hidden_seconds += max(res.seconds - waited, 0.0)
     stats.bytes_read += res.bytes_read

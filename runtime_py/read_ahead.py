@@ -56,11 +56,12 @@ class ReadAhead:
         """The bytes an on-demand plan of `layer` read: whole enough, and it is read ahead."""
         self.whole[layer] = bytes_read >= self.whole_fraction * self.region_bytes
 
-    def rows(self, res: ReadResult, layer: int, slots: np.ndarray, out: np.ndarray) -> None:
-        """Copy the bundles at `slots` of a region read ahead into out (len(slots), bundle_bytes)."""
+    def region(self, res: ReadResult, layer: int) -> np.ndarray:
+        """The bundles of a region read ahead, in slot order, as they lie in the read buffer:
+        (n, bundle_bytes) uint8, a view (valid until this reader's next read)."""
         bb, n = self.layout.bundle_bytes, self.layout.perm.shape[1]
         base = int(self.layout.region_offsets[layer] - self.extents[layer][0, 0])
-        np.take(res.buffer[base:base + n * bb].reshape(n, bb), slots, axis=0, out=out)
+        return res.buffer[base:base + n * bb].reshape(n, bb)
 
     def take(self, layer: int) -> tuple[ReadResult, float] | None:
         """The region of `layer` read ahead (waiting for it if still in flight) and the seconds

@@ -28,7 +28,7 @@ from ..compile.schedule import Knobs
 from ..layout.bundle import BundleSpec
 from ..layout.reader import Layout
 from ..tuning.forward import FFN, TorchModel
-from .engine import IOStats, count_ahead, fetch, set_chooser
+from .engine import IOStats, count_read, fetch, set_chooser
 from .reader import FlashReader
 
 TARGET = "host"
@@ -108,9 +108,8 @@ def tvm_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np.
         return by_score[layer] if kept_by_score else keep_all
 
     def whole(layer: int, x: np.ndarray, got) -> np.ndarray:
-        count_ahead(stats, got, n * bb, n)          # the set is found among all n: all needed
-        base = int(layout.region_offsets[layer] - ahead.extents[layer][0, 0])
-        rows = tvm.runtime.from_dlpack(got[0].buffer[base:base + n * bb].view(view).reshape(n, cols))
+        count_read(stats, *got, n * bb, n)          # the set is found among all n: all needed
+        rows = tvm.runtime.from_dlpack(ahead.region(got[0], layer).view(view).reshape(n, cols))
         thr, out = threshold(layer, True), np.empty_like(x)
         for t, xt in enumerate(x):
             direct(tvm.runtime.tensor(xt), rows, thr, y_whole)
