@@ -23,7 +23,7 @@ from ..layout.reader import Layout
 from ..tuning.forward import FFN, TorchModel, forward, new_cache
 from ..tuning.sparsity import scores
 from .bundle_tensors import decode_tensors
-from .planner import Plan, plan_reads
+from .planner import Plan, chain_ends, covered_slots, plan_reads
 from .reader import FlashReader, ReadResult
 from .resident import resident_bytes
 
@@ -129,12 +129,32 @@ def fetch(layout: Layout, reader: FlashReader, layer: int, wanted: np.ndarray, s
     read_ids = layout.perm[layer][slots]
     if store is not None:
         store.keep(layer, read_ids, out[:len(slots)])
+        if store.cache.reads_through:
+            read_through(layout, layer, plan, res, slots, store)
     ids = read_ids
     if hit_rows is not None:
         out[len(slots):] = hit_rows
         ids = np.concatenate((read_ids, wanted[hit]))
     count_read(stats, res, res.seconds, len(wanted) * bb, len(wanted))
     return out, ids
+
+
+def read_through(layout: Layout, layer: int, plan: Plan, res: ReadResult, asked: np.ndarray, store) -> None:
+    """Offer the store the bundles the plan read in its gaps, copied out of the read buffer."""
+    bb, region = layout.bundle_bytes, int(layout.region_offsets[layer])
+    slots = covered_slots(plan, region, bb, len(layout.perm[layer]))
+    slots = slots[~np.isin(slots, asked, assume_unique=True)]
+    if len(slots) == 0:
+        return
+    pos = region + slots * bb
+    # The last extent starting at or before each bundle, and the pieces continuing it (sorted
+    # extents; one read per bundle may overlap its neighbour's block: such a bundle is skipped).
+    e = np.searchsorted(plan.extents[:, 0], pos, side="right") - 1
+    inside = pos + bb <= chain_ends(plan.extents)[e]
+    slots, pos, e = slots[inside], pos[inside], e[inside]
+    at = res.starts[e] + pos - plan.extents[e, 0]
+    rows = res.buffer[at[:, None] + np.arange(bb)]
+    store.read_through(layer, layout.perm[layer][slots], rows)
 
 
 def count_read(stats: IOStats, res: ReadResult, waited: float, bytes_needed: int, active: int) -> None:

@@ -104,6 +104,33 @@ def split_requests(plan: Plan, region_offset: int, bundle_bytes: int, max_reques
                 run_extent.astype(np.int64), plan.gap_bytes)
 
 
+def chain_ends(extents: np.ndarray) -> np.ndarray:
+    """(m,) for each extent (sorted by offset), the end of the run of extents that continue
+    one another from it on: the pieces of one cut extent lie back to back in the file and in
+    the read buffer, so a bundle may straddle them."""
+    if len(extents) == 0:
+        return np.zeros(0, np.int64)
+    end = extents[:, 0] + extents[:, 1]
+    chain = np.concatenate(([0], np.cumsum(extents[1:, 0] != end[:-1])))
+    last = np.zeros(chain[-1] + 1, np.int64)
+    np.maximum.at(last, chain, end)
+    return last[chain]
+
+
+def covered_slots(plan: Plan, region_offset: int, bundle_bytes: int, n_slots: int) -> np.ndarray:
+    """Sorted slots whose whole bundle the plan reads, asked for or read through in a gap (a
+    read-through cache may keep those)."""
+    ext = plan.extents
+    if len(ext) == 0:
+        return np.zeros(0, np.int64)
+    starts = np.r_[True, ext[1:, 0] != (ext[:-1, 0] + ext[:-1, 1])]       # first piece of each chain
+    lo = np.clip(-(-(ext[starts, 0] - region_offset) // bundle_bytes), 0, n_slots)
+    hi = np.clip((chain_ends(ext)[starts] - region_offset) // bundle_bytes, 0, n_slots)
+    k = np.maximum(hi - lo, 0)
+    at = np.repeat(lo - np.concatenate(([0], np.cumsum(k)[:-1])), k)
+    return np.unique(at + np.arange(int(k.sum())))
+
+
 def plan_region(n_slots: int, region_offset: int, bundle_bytes: int, storage: sm.StorageProfile,
                 queue_depth: int, align: int = 4096) -> Plan:
     """Every bundle of the layer, in requests of the profile's best size."""

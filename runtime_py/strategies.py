@@ -12,8 +12,10 @@ activation trace, so a benchmark can time the reads or hand them to the storage 
 - ripple:   Ripple's placement, access collapse, linking-aligned S3-FIFO cache
             (arXiv 2410.19274);
 - ours:     our placement, the cheapest plan by the storage model, and a hybrid cache: the
-            most often active bundles pinned (and moved off the read path by the layout),
-            the rest of the budget LRU; the pinned share is the one the storage model finds
+            bundles that cost the most I/O on calibration masks pinned (cache.io_value:
+            bytes, and a request for each time a bundle would be read alone; moved off the
+            read path by the layout), the rest of the budget LRU, which also keeps what a plan
+            read in its gaps (read-through); the pinned share is the one the storage model finds
             fastest on calibration masks (`tune`).
 """
 from __future__ import annotations
@@ -23,8 +25,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import planner as pl
-from .cache import NeuronCache, make_cache, pinned_last
-from .storage_model import StorageProfile
+from .cache import NeuronCache, io_value, make_cache, pinned_last
+from .storage_model import StorageProfile, gap_threshold_bytes
 
 PLANNERS = ("region", "bundles", "collapse", "cheapest")
 
@@ -37,18 +39,25 @@ class Strategy:
     cache: str                     # a runtime_py.cache policy
     pinned_last: bool = False      # layout puts the pinned cache's bundles at region ends
     pinned_share: float | None = None   # hybrid cache: share pinned; None = choose (`tune`)
+    pin_by: str = "frequency"      # pinned/hybrid: "frequency" or "io" (cache.io_value)
+    read_through: bool = False     # hybrid's LRU part keeps what plans read in their gaps
+    # pin_by "io": the values, from the strategy's placement before pinned bundles move
+    # (`tune` fixes them, so that every cache built for the laid-out file pins the same ones).
+    pin_value: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def describe(self) -> dict:
         return {"placement": self.placement, "planner": self.planner, "cache": self.cache,
-                "pinned_last": self.pinned_last, "pinned_share": self.pinned_share}
+                "pinned_last": self.pinned_last, "pinned_share": self.pinned_share,
+                "pin_by": self.pin_by, "read_through": self.read_through}
 
 
 STRATEGIES: dict[str, Strategy] = {
     "dense": Strategy("dense", "identity", "region", "none"),
     "llmflash": Strategy("llmflash", "identity", "bundles", "window"),
     "ripple": Strategy("ripple", "ripple", "collapse", "linking"),
-    "ours": Strategy("ours", "ours", "cheapest", "hybrid", pinned_last=True),
+    "ours": Strategy("ours", "ours", "cheapest", "hybrid", pinned_last=True, pin_by="io", read_through=True),
 }
+PIN_BY = ("frequency", "io")
 
 
 class StrategyError(ValueError):
@@ -79,8 +88,13 @@ def build_cache(s: Strategy, budget_bytes: int, bundle_bytes: int, perm: np.ndar
                 calib_masks: np.ndarray) -> NeuronCache:
     if s.cache == "hybrid" and s.pinned_share is None:
         raise StrategyError(f"strategy {s.name}: choose its pinned share first (strategies.tune)")
+    if s.pin_by not in PIN_BY:
+        raise StrategyError(f"strategy {s.name}: pin_by {s.pin_by!r} is not one of {', '.join(PIN_BY)}")
+    if s.pin_by == "io" and s.cache in ("pinned", "hybrid") and s.pin_value is None:
+        raise StrategyError(f"strategy {s.name}: compute its pin values first (strategies.tune)")
     return make_cache(s.cache, budget_bytes, bundle_bytes, perm, calib_masks,
-                      1.0 if s.pinned_share is None else s.pinned_share)
+                      1.0 if s.pinned_share is None else s.pinned_share,
+                      value=s.pin_value if s.pin_by == "io" else None, read_through=s.read_through)
 
 
 def layout_perm(s: Strategy, perm: np.ndarray, cache: NeuronCache) -> np.ndarray:
@@ -119,19 +133,24 @@ def plan_trace(s: Strategy, masks: np.ndarray, perm: np.ndarray, cache: NeuronCa
     """masks (L, T, n) bool, perm (L, n) as laid out on flash. The first `warmup` tokens
     only warm the cache; plans are kept for the tokens after them."""
     masks = np.asarray(masks, bool)
+    perm = np.asarray(perm, np.int64)
     L, T, n = masks.shape
-    slot_of = np.argsort(np.asarray(perm, np.int64), axis=1)
+    slot_of = np.argsort(perm, axis=1)
     plans, active, hits = [], [], []
     for t in range(T):
         row, act, hit = [], [], []
         for l in range(L):
             ids = np.flatnonzero(masks[l, t])
             h = cache.access(t, l, ids) if s.planner != "region" else np.zeros(len(ids), bool)
-            if t < warmup:
+            if t < warmup and not cache.reads_through:
                 continue
             slots = np.sort(slot_of[l][ids[~h]])
-            row.append(layer_plan(s, slots, n, int(region_offsets[l]), bundle_bytes, storage,
-                                  queue_depth, align))
+            plan = layer_plan(s, slots, n, int(region_offsets[l]), bundle_bytes, storage, queue_depth, align)
+            if cache.reads_through:
+                cache.read_through(l, perm[l][pl.covered_slots(plan, int(region_offsets[l]), bundle_bytes, n)])
+            if t < warmup:
+                continue
+            row.append(plan)
             act.append(len(ids))
             hit.append(int(h.sum()))
         if t >= warmup:
@@ -155,8 +174,12 @@ def virtual_offsets(n_layers: int, n: int, bundle_bytes: int, align: int = 4096)
 
 def tune(s: Strategy, calib: np.ndarray, perm: np.ndarray, bundle_bytes: int, budget_bytes: int,
          storage: StorageProfile, queue_depth: int, tokens: int = 32, warmup: int = 16) -> tuple[Strategy, dict]:
-    """Fix what a strategy leaves open (the hybrid cache's pinned share) by the storage
-    model's per-token I/O on the last calibration tokens, never on held-out ones."""
+    """Fix what a strategy leaves open on calibration masks, never on held-out ones: the
+    pin values (pin_by "io": cache.io_value on `perm`, with a request's cost from `storage`)
+    and the hybrid cache's pinned share (by the storage model's per-token I/O on the last
+    calibration tokens)."""
+    if s.pin_by == "io" and s.pin_value is None and s.cache in ("pinned", "hybrid"):
+        s = replace(s, pin_value=io_value(calib, perm, gap_threshold_bytes(storage, queue_depth) / bundle_bytes))
     if s.cache != "hybrid" or s.pinned_share is not None:
         return s, {}
     from .storage_model import replay

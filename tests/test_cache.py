@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ripple.runtime_py.cache import POLICIES, CacheError, make_cache, pinned_last
+from ripple.runtime_py.cache import POLICIES, CacheError, io_value, make_cache, pinned_last
 
 L, N, BB = 3, 200, 1000
 
@@ -13,19 +13,23 @@ def trace(seed, tokens=40, density=0.3):
     return rng.random((L, tokens, N)) < p[:, None, :]
 
 
-def cache(policy, budget_bytes, seed=0, share=0.75):
+def cache(policy, budget_bytes, seed=0, share=0.75, read_through=False):
     perm = np.stack([np.random.default_rng([seed, l]).permutation(N) for l in range(L)])
-    return make_cache(policy, budget_bytes, BB, perm, trace(seed + 100), pinned_share=share)
+    return make_cache(policy, budget_bytes, BB, perm, trace(seed + 100), pinned_share=share,
+                      read_through=read_through)
 
 
+@pytest.mark.parametrize("read_through", [False, True])
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("budget", [0, 7 * BB + 999, 90 * BB])
-def test_cache_never_exceeds_its_budget(policy, budget):
-    c = cache(policy, budget)
+def test_cache_never_exceeds_its_budget(policy, budget, read_through):
+    c = cache(policy, budget, read_through=read_through)
     masks = trace(1)
+    rng = np.random.default_rng(7)
     for t in range(masks.shape[1]):
         for l in range(L):
             c.access(t, l, np.flatnonzero(masks[l, t]))
+            c.read_through(l, rng.choice(N, 12, replace=False))    # bundles a plan read in its gaps
             assert c.used_bytes <= budget
     assert c.capacity * BB <= budget
 
@@ -56,6 +60,54 @@ def test_lru_evicts_the_least_recently_used():
     c.access(2, 0, np.array([1]))        # 1 is now more recent than 2
     c.access(3, 0, np.array([3]))        # evicts 2
     assert c.contains(0, np.array([1, 2, 3])).tolist() == [True, False, True]
+
+
+def test_read_through_keeps_gap_bundles_and_evicts_them_before_what_was_asked_for():
+    c = make_cache("lru", L * 4 * BB, BB, np.tile(np.arange(N), (L, 1)), read_through=True)  # 4 per layer
+    c.access(0, 0, np.array([1, 2]))
+    c.read_through(0, np.array([3, 4, 5]))         # read in the gaps around 1 and 2
+    assert c.contains(0, np.array([1, 2, 3, 4, 5])).sum() == 4
+    assert c.contains(0, np.array([1, 2])).all()    # the asked-for bundles stay
+    assert c.access(1, 0, np.array([3, 4, 5])).sum() == 2   # two gap bundles stayed, and now hit
+
+
+def test_read_through_is_off_unless_asked_for():
+    c = make_cache("lru", L * 4 * BB, BB, np.tile(np.arange(N), (L, 1)))
+    c.access(0, 0, np.array([1]))
+    c.read_through(0, np.array([2, 3]))
+    assert not c.reads_through and c.contains(0, np.array([2, 3])).tolist() == [False, False]
+
+
+def test_hybrid_reads_through_into_its_lru_part_only():
+    masks = trace(6)
+    c = make_cache("hybrid", 40 * BB, BB, np.tile(np.arange(N), (L, 1)), masks, pinned_share=0.75,
+                   read_through=True)
+    pinned = c.pinned(0)
+    free = np.setdiff1d(np.arange(N), pinned)[:2]
+    c.read_through(0, np.concatenate((pinned[:2], free)))
+    assert c.dynamic.contains(0, free).all() and not c.dynamic.contains(0, pinned[:2]).any()
+
+
+def test_io_value_prices_a_lone_bundle_above_an_equally_frequent_one_in_a_run():
+    # Slots 0-1 always fire together; slot 9 fires as often, alone, 8 slots from them.
+    masks = np.zeros((1, 10, 12), bool)
+    masks[0, :, [0, 1, 9]] = True
+    perm = np.arange(12)[None]
+    v = io_value(masks, perm, request_bundles=3.0)
+    assert v[0, 0] == v[0, 1] == 1.0               # their bytes, every token
+    assert v[0, 9] == 1.0 + 3.0                    # and a request of its own
+    assert (v[0, [2, 3, 4, 5, 6, 7, 8, 10, 11]] == 0).all()
+    # The value follows the neuron, not the slot.
+    shuffled = np.array([[9, 0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11]])      # 9 now beside 0 and 1
+    assert io_value(masks, shuffled, request_bundles=3.0)[0, 9] == 1.0
+
+
+def test_hybrid_pins_by_the_value_it_is_given():
+    masks = trace(5)
+    value = np.random.default_rng(3).random((L, N))
+    c = make_cache("hybrid", 40 * BB, BB, np.tile(np.arange(N), (L, 1)), masks, pinned_share=0.75, value=value)
+    top = set(np.argsort(-value.reshape(-1), kind="stable")[:30].tolist())
+    assert {l * N + int(i) for l in range(L) for i in c.pinned(l)} == top
 
 
 def test_window_keeps_what_was_active_in_the_last_five_tokens():

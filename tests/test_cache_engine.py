@@ -53,6 +53,41 @@ def test_cached_and_collapsed_reads_give_the_same_logits(llama, policy):
     assert store.hits > 0
 
 
+def test_read_through_keeps_gap_bundles_with_their_exact_bytes(llama):
+    """A planner that reads through gaps and an LRU that keeps what it read there: the same
+    logits as plain reads, and the store holds bundles no token asked for, byte for byte as
+    the file has them."""
+    desc, layout = llama
+    tm = to_torch(desc)
+    thr = np.full(desc.n_layers, 0.02)
+    budget = desc.n_layers * desc.d_ffn * layout.bundle_bytes // 3
+    store = BundleStore(make_cache("lru", budget, layout.bundle_bytes, layout.perm, read_through=True))
+    asked = [set() for _ in range(desc.n_layers)]
+    access = store.access
+
+    def recording(layer, ids):
+        asked[layer].update(np.asarray(ids).tolist())
+        return access(layer, ids)
+    store.access = recording
+    plan = layer_planner(STRATEGIES["ripple"], PROFILE, 8, desc.d_ffn)
+    plain, policed = IOStats(), IOStats()
+    with FlashReader(layout.path, 8) as reader:
+        ref = step_logits(tm, TOKENS, lambda: flash_ffn(tm, layout, reader, thr, "coef", plain))
+        got = step_logits(tm, TOKENS, lambda: flash_ffn(tm, layout, reader, thr, "coef", policed,
+                                                       planner=plan, store=store))
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    assert store.cache.used_bytes <= budget
+    raw = np.fromfile(layout.path, np.uint8)
+    never_asked = 0
+    for l in range(desc.n_layers):
+        held = np.flatnonzero(store.row_of[l * desc.d_ffn:(l + 1) * desc.d_ffn] >= 0)
+        for i in held.tolist():
+            off = int(layout.region_offsets[l]) + int(layout.slot_of[l][i]) * layout.bundle_bytes
+            assert (store.rows(l, np.array([i]))[0] == raw[off:off + layout.bundle_bytes]).all()
+            never_asked += i not in asked[l]
+    assert never_asked > 0
+
+
 def test_predicted_sets_with_io_policy_compute_the_same_on_torch_and_tvm(llama):
     """Predicted sets (the oracle with a tenth of the neurons flipped: misses and false
     positives), a collapse planner and a cache: the compiled backend keeps the same neurons

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ripple.runtime_py.planner import plan_reads, runs
+from ripple.runtime_py.planner import covered_slots, plan_reads, runs
 
 
 def covered_bytes(extents):
@@ -224,3 +224,25 @@ def test_one_read_per_bundle_reads_a_shared_block_twice():
     plan = plan_bundles(np.array([0, 1]), 0, 3456, 4096)
     assert plan.extents.tolist() == [[0, 4096], [0, 8192]]
     assert plan.run_extent.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_covered_slots_are_the_bundles_lying_wholly_inside_the_extents(seed):
+    rng = np.random.default_rng(seed)
+    n, bb, region = 300, 3456, 8192
+    slots = np.sort(rng.choice(n, 40, replace=False))
+    plan = plan_reads(slots, region, bb, 4096, max_gap_bytes=int(rng.integers(0, 5)) * 4096,
+                      max_request_bytes=[0, 16384][seed % 2])
+    got = covered_slots(plan, region, bb, n)
+    want = [s for s in range(n) if _inside(plan.extents, region + s * bb, region + (s + 1) * bb)]
+    assert got.tolist() == want
+    assert set(slots.tolist()) <= set(got.tolist())
+
+
+def _inside(extents, lo, hi):
+    """[lo, hi) lies inside extents that continue one another."""
+    covered = lo
+    for o, m in sorted(extents.tolist()):
+        if o <= covered < o + m:
+            covered = o + m
+    return covered >= hi
