@@ -256,7 +256,7 @@ def ours_worker(setup: OursSetup, prompt_ids: list[int], tokens: int, threads: i
     # Layers read whole (every one when dense, else those whose last plan read nearly all of
     # their region) are read READ_AHEAD layers early, overlapping the compute in between.
     with FlashReader(layout.path, queue_depth) as reader, \
-            ReadAhead(layout, queue_depth, READ_AHEAD, "all" if dense else "auto") as ahead:
+            ReadAhead(layout, queue_depth, READ_AHEAD, "all" if dense else "auto", store=store) as ahead:
         gen = generate(tm, layout, reader, thresholds, criterion, prompt_ids, tokens, None, BACKEND,
                        policy, planner, store, measure_misses=False, kv_dtype=getattr(torch, KV_DTYPE),
                        ahead=ahead)

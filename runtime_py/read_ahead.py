@@ -14,6 +14,12 @@ it is no longer planned, so nothing would tell it otherwise (on SmolLM2 every la
 Each in-flight layer has its own FlashReader (and buffer): depth + 1 readers cycle, so the
 buffer of layer l is reused only when layer l + depth + 1 is issued, after l's FFN is done.
 What a step waits for is counted as its I/O time; the rest of the read was hidden.
+
+With a BundleStore whose cache pins bundles that the layout put at region ends
+(strategies' pinned_last), a whole read stops before that tail: the pinned rows are read
+once, when the read-ahead starts, and copied in after each read, so the DRAM budget saves
+its bytes of I/O on layers read whole too (on SmolLM2 every layer: 10% of the FFN's bytes a
+token, the cache's share, which a whole read would otherwise read again).
 """
 from __future__ import annotations
 
@@ -29,11 +35,26 @@ from .reader import FlashReader, ReadResult
 REQUEST_BYTES = 1 << 20          # whole regions go out in requests of this size
 
 
+def pinned_tail(layout: Layout, store) -> np.ndarray:
+    """(L,) slots at the end of each region that hold exactly the bundles `store`'s cache
+    pins (0 where the layout did not put them there, or nothing is pinned)."""
+    L, n = layout.perm.shape
+    tail = np.zeros(L, np.int64)
+    if store is None or not hasattr(store.cache, "pinned"):
+        return tail
+    for l in range(L):
+        pinned = np.sort(store.cache.pinned(l))
+        if 0 < len(pinned) < n and np.array_equal(np.sort(layout.perm[l][n - len(pinned):]), pinned):
+            tail[l] = len(pinned)
+    return tail
+
+
 class ReadAhead:
     def __init__(self, layout: Layout, queue_depth: int, depth: int = 2, layers: str = "auto",
                  whole_fraction: float = 0.9, request_bytes: int = REQUEST_BYTES, o_direct: bool = True,
-                 checks=None):
-        """o_direct, checks: as FlashReader takes them (the readers ahead read like the main one)."""
+                 checks=None, store=None):
+        """o_direct, checks: as FlashReader takes them (the readers ahead read like the main one);
+        store: the engine's BundleStore, whose pinned tails whole reads skip (see the module)."""
         if depth < 1:
             raise ValueError(f"read-ahead depth {depth}: at least 1 layer")
         if layers not in ("auto", "all"):
@@ -42,19 +63,35 @@ class ReadAhead:
         L, n = layout.perm.shape
         self.n_layers = L
         self.whole = np.full(L, layers == "all")
-        bb = layout.bundle_bytes
-        self.region_bytes = -(-n * bb // layout.alignment) * layout.alignment
-        self.extents = [plan_reads(np.arange(n), int(layout.region_offsets[l]), bb, layout.alignment,
+        bb, align = layout.bundle_bytes, layout.alignment
+        self.store, self.tail = store, pinned_tail(layout, store)
+        # What a whole read covers: the region up to its pinned tail (the block it starts in).
+        self.region_bytes = -(-(n - self.tail) * bb // align) * align
+        self.extents = [plan_reads(np.arange(n - self.tail[l]), int(layout.region_offsets[l]), bb, align,
                                    max_request_bytes=request_bytes).extents for l in range(L)]
         self.readers = [FlashReader(layout.path, queue_depth, o_direct, checks=checks)
                         for _ in range(self.depth + 1)]
         self.pool = ThreadPoolExecutor(1)
         self.pending: dict[int, Future] = {}
         self.next_reader = 0
+        if self.tail.any():
+            self._load_pinned()
+
+    def _load_pinned(self) -> None:
+        """Read every pinned tail once, into the store (as an app loads its DRAM-resident
+        weights at start; not part of any token's I/O)."""
+        from .engine import gather
+        lay, bb, n = self.layout, self.layout.bundle_bytes, self.layout.perm.shape[1]
+        for l in np.flatnonzero(self.tail).tolist():
+            slots = np.arange(n - self.tail[l], n)
+            region = int(lay.region_offsets[l])
+            plan = plan_reads(slots, region, bb, lay.alignment)
+            rows = gather(self.readers[0].read(plan.extents), plan, region, bb)
+            self.store.keep(l, lay.perm[l][slots], rows)
 
     def note_plan(self, layer: int, bytes_read: int) -> None:
         """The bytes an on-demand plan of `layer` read: whole enough, and it is read ahead."""
-        self.whole[layer] = bytes_read >= self.whole_fraction * self.region_bytes
+        self.whole[layer] = bytes_read >= self.whole_fraction * self.region_bytes[layer]
 
     def region(self, res: ReadResult, layer: int) -> np.ndarray:
         """The bundles of a region read ahead, in slot order, as they lie in the read buffer:
@@ -75,14 +112,21 @@ class ReadAhead:
             return None
         t0 = time.perf_counter()
         res = got.result()
-        return res, time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        t = int(self.tail[layer])
+        if t:
+            n = self.layout.perm.shape[1]
+            self.region(res, layer)[n - t:] = self.store.rows(layer, self.layout.perm[layer][n - t:])
+        return res, waited
 
     def _issue(self, layer: int) -> None:
         if not self.whole[layer] or layer in self.pending:
             return
         r = self.readers[self.next_reader]
         self.next_reader = (self.next_reader + 1) % len(self.readers)
-        self.pending[layer] = self.pool.submit(r.read, self.extents[layer])
+        room = int(self.layout.region_offsets[layer] - self.extents[layer][0, 0]) \
+            + self.layout.perm.shape[1] * self.layout.bundle_bytes
+        self.pending[layer] = self.pool.submit(r.read, self.extents[layer], room)
 
     def close(self) -> None:
         for f in self.pending.values():

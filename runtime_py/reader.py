@@ -277,12 +277,14 @@ class FlashReader:
             self._read_extent(view, int(extents[i, 0]), int(extents[i, 1]), int(starts[i]),
                               int(max(res[i], 0)))
 
-    def read(self, extents: np.ndarray) -> ReadResult:
+    def read(self, extents: np.ndarray, room: int = 0) -> ReadResult:
+        """The extents, back to back in one buffer of at least `room` bytes (what lies past
+        the bytes read is stale: a caller that asks for room fills it, e.g. read_ahead)."""
         extents = np.asarray(extents, dtype=np.int64).reshape(-1, 2)
         sizes = extents[:, 1]
         starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
         total = int(sizes.sum())
-        view = self._buffer(total)
+        view = self._buffer(max(total, int(room)))
         t0 = time.perf_counter()
         if len(extents) == 0:
             pass
@@ -302,7 +304,7 @@ class FlashReader:
                 if e is not None:
                     raise e
         seconds = time.perf_counter() - t0
-        buf = np.frombuffer(self._buf, dtype=np.uint8, count=total)
+        buf = np.frombuffer(self._buf, dtype=np.uint8, count=max(total, int(room)))
         if self.checks is not None:
             check_extents(self.checks, buf, starts, extents)
         return ReadResult(buf, starts, seconds, total, len(extents))

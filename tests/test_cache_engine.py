@@ -148,9 +148,47 @@ def test_read_ahead_gives_the_same_logits_and_reads_whole_regions_ahead(llama, b
         assert ahead_stats.bytes_needed == plain.bytes_needed
     else:
         assert ahead_stats.bytes_needed >= plain.bytes_needed
-    whole = (len(TOKENS) - 3) * desc.n_layers * ahead.region_bytes     # a prompt step, then one per token
+    whole = (len(TOKENS) - 3) * int(ahead.region_bytes.sum())     # a prompt step, then one per token
     if layers == "all":
         assert ahead_stats.bytes_read == whole
         assert ahead_stats.hidden_seconds > 0
     else:
         assert plain.bytes_read < ahead_stats.bytes_read < whole
+
+
+@pytest.mark.parametrize("backend", ["torch", "tvm"])
+def test_read_ahead_stops_before_the_pinned_tail_and_gives_the_same_logits(random_llama_dir, tmp_path, backend):
+    """A layout with the pinned bundles at region ends (pinned_last) and a store that pins
+    them: whole reads skip that tail (read once, at the start), with the same logits."""
+    from ripple.runtime_py.cache import pinned_last
+    from ripple.runtime_py.read_ahead import ReadAhead
+    from ripple.runtime_py.tvm_ffn import tvm_ffn
+
+    desc = load_model(random_llama_dir)
+    rng = np.random.default_rng(4)
+    spec = BundleSpec(desc.activation, desc.d_model, "fp16", False)
+    calib = rng.random((desc.n_layers, 50, desc.d_ffn)) < rng.random((desc.n_layers, 1, desc.d_ffn))
+    budget = desc.n_layers * desc.d_ffn * spec.bundle_bytes // 8
+    perm0 = np.stack([rng.permutation(desc.d_ffn) for _ in desc.layers])
+    pins = make_cache("pinned", budget, spec.bundle_bytes, perm0, calib)
+    laid = np.stack([pinned_last(perm0[l], pins.pinned(l)) for l in range(desc.n_layers)])
+    write_layout(tmp_path, spec, ((encode_bundles(spec, lw.w_up, lw.w_down.T, lw.w_gate, lw.b_up), p)
+                                  for lw, p in zip(desc.layers, laid)), {}, desc.source, desc.source_hash)
+    layout = open_layout(tmp_path)
+    tm = to_torch(desc)
+    thr = np.full(desc.n_layers, -1.0)
+    make = flash_ffn if backend == "torch" else tvm_ffn
+    store = BundleStore(make_cache("pinned", budget, spec.bundle_bytes, layout.perm, calib))
+    plain, ahead_stats = IOStats(), IOStats()
+    with FlashReader(layout.path, 8) as reader:
+        ref = step_logits(tm, TOKENS, lambda: make(tm, layout, reader, thr, "coef", plain))
+        with ReadAhead(layout, 8, depth=2, layers="all", store=store) as ahead:
+            assert ahead.tail.tolist() == [len(pins.pinned(l)) for l in range(desc.n_layers)]
+            assert ahead.tail.sum() > 0
+            got = step_logits(tm, TOKENS, lambda: make(tm, layout, reader, thr, "coef", ahead_stats,
+                                                       ahead=ahead, store=store))
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    n, bb = desc.d_ffn, spec.bundle_bytes
+    readable = -(-(n - ahead.tail) * bb // 4096) * 4096
+    assert ahead_stats.bytes_read == (len(TOKENS) - 3) * int(readable.sum())
+    assert ahead_stats.bytes_read < plain.bytes_read
