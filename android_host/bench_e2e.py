@@ -88,6 +88,9 @@ def register(bench_sub) -> None:
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     p.add_argument("--cache-dir", default="build/cache/e2e", help="profile, predictor, layout, probe file")
     p.add_argument("--quick-probe", action="store_true", help="small storage probe and fio check (tests)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the configurations this many times in turn and report each figure's median "
+                        "over the rounds (default 1; a shared host's speed drifts from minute to minute)")
     p.set_defaults(run=_run)
 
 
@@ -95,7 +98,7 @@ def _run(args) -> None:
     r = bench_e2e_cmd(model=args.model, json_out=args.json, prompt=args.prompt, tokens=args.tokens,
                       threads=args.threads, dtype=args.dtype, sparsity=args.sparsity, profile=args.profile,
                       budget=args.budget, queue_depth=args.queue_depth, configs=args.configs,
-                      cache_dir=args.cache_dir, quick_probe=args.quick_probe)
+                      cache_dir=args.cache_dir, quick_probe=args.quick_probe, rounds=args.rounds)
     print_table(r)
 
 
@@ -196,7 +199,7 @@ def llama_worker(path: str, prompt_ids: list[int], tokens: int, threads: int, ev
     from .llamacpp_decode import decode, perplexity
     d = decode(path, prompt_ids, tokens, threads, eviction)
     rss = _rss()
-    ppl = perplexity(path, seqs, threads)
+    ppl = perplexity(path, seqs, threads) if seqs else None
     return {"token_ms": d.token_ms, "bytes_read": d.bytes_read, "resident_before": d.resident_before,
             "kv_bytes": d.kv_bytes, "evicted_verified": d.evicted_verified, "eviction_notes": d.eviction_notes,
             "evicted_bytes": d.evicted_bytes, "rss_bytes": rss, "ppl": ppl, "tokens": d.tokens}
@@ -265,7 +268,7 @@ def ours_worker(setup: OursSetup, prompt_ids: list[int], tokens: int, threads: i
         # The same FFN path as the tokens above: layers read whole find their own sets.
         ppl = perplexity(tm, [np.asarray(s, np.int64) for s in seqs],
                          ffn_backend(BACKEND)(tm, layout, reader, thresholds, criterion, IOStats(), sets=policy,
-                                              measure_misses=False, ahead=ahead))
+                                              measure_misses=False, ahead=ahead)) if seqs else None
     return {"token_ms": rep["token_ms"], "io_ms": rep["io"]["per_token_ms"],
             "bytes_read": rep["io"]["bytes_read_per_token"], "bytes_needed": rep["io"]["bytes_needed_per_token"],
             "summary": rep["summary"], "o_direct": reader.o_direct, "fallback_reason": reader.fallback_reason,
@@ -309,7 +312,30 @@ def config_row(name: str, raw: dict, warm_ms: float | None) -> dict:
     return {"per_token_ms_median": round(med, 3), "per_token_ms_p90": round(_pct(raw["token_ms"], 90), 3),
             "io_ms": None if io is None else round(io, 3), "compute_ms": None if compute is None else round(compute, 3),
             "bytes_read_per_token": int(_pct(raw["bytes_read"], 50)), "model_bytes_resident": resident,
-            "rss_bytes": int(raw["rss_bytes"]), "ppl": round(float(raw["ppl"]), 4), "evicted_verified": verified}
+            "rss_bytes": int(raw["rss_bytes"]), "ppl": None if raw["ppl"] is None else round(float(raw["ppl"]), 4),
+            "evicted_verified": verified}
+
+
+def median_rounds(rounds: list[dict]) -> dict:
+    """One row per configuration from its rows of several rounds: each figure's median over
+    the rounds (perplexity is measured in the first round only: it is the same every time);
+    eviction verified only if it was in every round."""
+    import numpy as np
+    out = {}
+    for name in rounds[0]:
+        rows = [r[name] for r in rounds]
+        row = {}
+        for k, v in rows[0].items():
+            vals = [x[k] for x in rows if x[k] is not None]
+            if k == "evicted_verified":
+                row[k] = None if any(x[k] is None for x in rows) else all(x[k] for x in rows)
+            elif k == "ppl" or not vals:
+                row[k] = v
+            else:
+                m = float(np.median(vals))
+                row[k] = int(round(m)) if isinstance(v, int) else round(m, 3)
+        out[name] = row
+    return out
 
 
 def assemble(model: str, prompt_tokens: int, threads: int, fio: dict, raw: dict) -> dict:
@@ -376,8 +402,10 @@ def bench_e2e_cmd(model: str | None = None, json_out: str | None = None, prompt:
                   tokens: int = 48, threads: int | None = None, dtype: str | None = None,
                   sparsity: float | None = None, profile: str | None = None, budget: float = 0.10,
                   queue_depth: int = 32, configs=CONFIGS, cache_dir: str = "build/cache/e2e",
-                  quick_probe: bool = False) -> dict:
+                  quick_probe: bool = False, rounds: int = 1) -> dict:
     from .bench_io import BenchError
+    if rounds < 1:
+        raise BenchError(f"--rounds {rounds}: at least 1")
     unknown = set(configs) - set(CONFIGS)
     if unknown:
         raise BenchError(f"--configs {' '.join(sorted(unknown))}: choose from {', '.join(CONFIGS)}")
@@ -437,19 +465,27 @@ def bench_e2e_cmd(model: str | None = None, json_out: str | None = None, prompt:
     seqs = [s.tolist() for s in prof.sequences("heldout")]
     llama_path = private_copy(path, cdir)
 
-    raw = {}
-    for name in tqdm(configs, desc="bench e2e: configurations", unit="config", file=sys.stderr):
+    per_round = []
+    runs = [(r, name) for r in range(rounds) for name in configs]
+    for r, name in tqdm(runs, desc="bench e2e: configurations", unit="config", file=sys.stderr):
+        if r == len(per_round):
+            per_round.append({})
+        raw = per_round[r]
+        held = seqs if r == 0 else None           # perplexity once: it does not change
         if name in LLAMA_EVICTION:
             raw[name] = _in_process(llama_worker, str(llama_path), prompt_ids, tokens, threads,
-                                    LLAMA_EVICTION[name], seqs)
+                                    LLAMA_EVICTION[name], held)
         else:
             raw[name] = _in_process(ours_worker, setup, prompt_ids, tokens, threads, name == "ours-dense",
-                                    seqs, queue_depth)
+                                    held, queue_depth)
         n_done = len(raw[name]["token_ms"])
-        if n_done < tokens:
+        if n_done < tokens and r == 0:
             notes.append(f"{name}: the model ended its answer after {n_done} tokens (EOS); use a longer prompt")
-
+    rows = [assemble(desc.name or path.name, len(prompt_ids), threads, fio, raw)["configs"] for raw in per_round]
+    raw = per_round[0]
     out = assemble(desc.name or path.name, len(prompt_ids), threads, fio, raw)
+    if rounds > 1:
+        out["configs"] = median_rounds(rows)
     for name, r in raw.items():
         if name in LLAMA_EVICTION and r["evicted_verified"] is False:
             notes.append(f"{name}: EVICTION NOT VERIFIED by mincore: {'; '.join(r['eviction_notes'])}")
@@ -489,6 +525,10 @@ def bench_e2e_cmd(model: str | None = None, json_out: str | None = None, prompt:
         details["strategy"] = setup.strategy.describe()
         details["strategy_tuning"] = setup.tuning
     out["targets"] = targets(out["configs"])
+    if rounds > 1:
+        details["rounds"] = rows
+        details["latency_ratios_per_round"] = [
+            {k: t["ratio"] for k, t in targets(row).items() if k.startswith("ours_over")} for row in rows]
     details["seconds"] = round(time.perf_counter() - t_start, 1)
     out["details"] = details
     out["notes"] = notes

@@ -60,6 +60,27 @@ def test_assembled_json_has_the_issue_shape_and_derives_llama_io_from_warm():
     assert c["ours"]["io_ms"] == 2.0 and c["ours"]["evicted_verified"] is True
 
 
+def test_rounds_report_each_figure_as_its_median_over_the_rounds():
+    from ripple.android_host.bench_e2e import median_rounds
+    ms = list(np.linspace(10, 20, 33))
+    rows = []
+    for shift, verified in ((0.0, True), (30.0, True), (6.0, False)):    # a slow middle round
+        raw = {"llamacpp-warm": _llama_raw([m + shift for m in ms], None, 9 << 20),
+               "llamacpp-cold": _llama_raw([m + shift + 5 for m in ms], verified, 0),
+               "ours": _ours_raw([m + shift for m in ms], [2.0 + shift] * 33)}
+        if shift:
+            for r in raw.values():
+                r["ppl"] = None                  # measured in the first round only
+        rows.append(assemble("m", 12, 2, {}, raw)["configs"])
+    c = median_rounds(rows)
+    assert c["ours"]["per_token_ms_median"] == pytest.approx(15.0 + 6.0)
+    assert c["ours"]["io_ms"] == pytest.approx(8.0)
+    assert c["llamacpp-cold"]["io_ms"] == pytest.approx(5.0)
+    assert c["ours"]["ppl"] == rows[0]["ours"]["ppl"] is not None
+    assert c["llamacpp-cold"]["evicted_verified"] is False               # not verified in every round
+    assert tuple(c["ours"]) == CONFIG_KEYS
+
+
 @pytest.fixture(scope="module")
 def tiny_setup(random_llama_dir, tmp_path_factory):
     from ripple.tuning.checkpoint import load_model
