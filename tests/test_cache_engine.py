@@ -33,6 +33,17 @@ def llama(random_llama_dir, tmp_path_factory):
     return desc, open_layout(out)
 
 
+def plain_and_policed(tm, layout, thr, store):
+    """Logits and I/O of plain reads, and of Ripple's collapse planner with `store`."""
+    plan = layer_planner(STRATEGIES["ripple"], PROFILE, 8, tm.desc.d_ffn)
+    plain, policed = IOStats(), IOStats()
+    with FlashReader(layout.path, 8) as reader:
+        ref = step_logits(tm, TOKENS, lambda: flash_ffn(tm, layout, reader, thr, "coef", plain))
+        got = step_logits(tm, TOKENS, lambda: flash_ffn(tm, layout, reader, thr, "coef", policed,
+                                                       planner=plan, store=store))
+    return ref, got, plain, policed
+
+
 @pytest.mark.parametrize("policy", ["lru", "s3fifo", "linking", "window"])
 def test_cached_and_collapsed_reads_give_the_same_logits(llama, policy):
     desc, layout = llama
@@ -40,14 +51,9 @@ def test_cached_and_collapsed_reads_give_the_same_logits(llama, policy):
     thr = np.full(desc.n_layers, 0.02)
     budget = desc.n_layers * desc.d_ffn * layout.bundle_bytes // 5
     store = BundleStore(make_cache(policy, budget, layout.bundle_bytes, layout.perm))
-    plan = layer_planner(STRATEGIES["ripple"], PROFILE, 8, desc.d_ffn)
-    plain, policed = IOStats(), IOStats()
-    with FlashReader(layout.path, 8) as reader:
-        ref = step_logits(tm, TOKENS, lambda: flash_ffn(tm, layout, reader, thr, "coef", plain))
-        got = step_logits(tm, TOKENS, lambda: flash_ffn(tm, layout, reader, thr, "coef", policed,
-                                                       planner=plan, store=store))
-        assert store.cache.used_bytes <= budget
-        assert store.stored <= store.cache.entries
+    ref, got, plain, policed = plain_and_policed(tm, layout, thr, store)
+    assert store.cache.used_bytes <= budget
+    assert store.stored <= store.cache.entries
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
     assert policed.bytes_needed == plain.bytes_needed
     assert store.hits > 0
@@ -69,12 +75,7 @@ def test_read_through_keeps_gap_bundles_with_their_exact_bytes(llama):
         asked[layer].update(np.asarray(ids).tolist())
         return access(layer, ids)
     store.access = recording
-    plan = layer_planner(STRATEGIES["ripple"], PROFILE, 8, desc.d_ffn)
-    plain, policed = IOStats(), IOStats()
-    with FlashReader(layout.path, 8) as reader:
-        ref = step_logits(tm, TOKENS, lambda: flash_ffn(tm, layout, reader, thr, "coef", plain))
-        got = step_logits(tm, TOKENS, lambda: flash_ffn(tm, layout, reader, thr, "coef", policed,
-                                                       planner=plan, store=store))
+    ref, got, _, _ = plain_and_policed(tm, layout, thr, store)
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
     assert store.cache.used_bytes <= budget
     raw = np.fromfile(layout.path, np.uint8)
