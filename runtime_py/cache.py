@@ -123,7 +123,7 @@ class LRUCache(_Stamped):
     def __init__(self, *a, read_through: bool = False):
         super().__init__(*a)
         self.clock = 0
-        self.reads_through = read_through
+        self.reads_through = read_through and self.capacity > 0   # nothing to keep them in
 
     def access(self, token, layer, ids):
         keys = layer * self.n + np.asarray(ids, np.int64)
@@ -136,7 +136,7 @@ class LRUCache(_Stamped):
         return hit
 
     def read_through(self, layer, ids):
-        if not (self.reads_through and self.capacity):
+        if not self.reads_through:
             return
         keys = layer * self.n + np.asarray(ids, np.int64)
         new = keys[~self.resident[keys]]
