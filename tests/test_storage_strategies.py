@@ -83,10 +83,12 @@ def test_ours_moves_pinned_bundles_off_the_read_path():
             assert (row[l].extents[:, 0] <= tail // 4096 * 4096).all()
 
 
-def test_tune_chooses_the_share_the_model_finds_fastest():
+def test_tune_chooses_the_pins_and_share_the_model_finds_fastest():
     calib = masks(0, 40)
     perm = np.tile(np.arange(N), (L, 1))
     s, info = tune(STRATEGIES["ours"], calib, perm, BB, L * N * BB // 10, PROFILE, QD, tokens=4, warmup=2)
-    modelled = info["pinned_share_modelled_ms"]
-    assert set(modelled) == set(PINNED_SHARES)
-    assert modelled[s.pinned_share] == min(modelled.values())
+    modelled = info["modelled_ms"]
+    assert set(modelled) == {"frequency", "io"}
+    assert all(set(m) == set(PINNED_SHARES) for m in modelled.values())
+    assert modelled[s.pin_by][s.pinned_share] == min(min(m.values()) for m in modelled.values())
+    assert (s.pin_value is not None) == (s.pin_by == "io")
