@@ -25,10 +25,14 @@ demo: $(STAMP)
 # reader, compile/native, for both), file and readelf (tests
 # of the .so), fio (the storage probe is checked against it). apt runs only when a tool is
 # missing, so repeated runs are fast.
-SYSDEPS_PKGS  := gcc gcc-aarch64-linux-gnu file binutils fio
+# The aarch64 C headers (libc6-dev-arm64-cross) are only a Recommends of the cross compiler,
+# which --no-install-recommends leaves out: checked by one of their files.
+SYSDEPS_PKGS  := gcc gcc-aarch64-linux-gnu libc6-dev-arm64-cross file binutils fio
 SYSDEPS_TOOLS := gcc aarch64-linux-gnu-gcc file readelf fio
+SYSDEPS_FILES := /usr/aarch64-linux-gnu/include/stdio.h
 sysdeps:
 	@missing=""; for t in $(SYSDEPS_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	for f in $(SYSDEPS_FILES); do [ -f $$f ] || missing="$$missing $$f"; done; \
 	if [ -n "$$missing" ]; then echo "sysdeps: missing$$missing"; \
 		apt-get update && apt-get install -y --no-install-recommends $(SYSDEPS_PKGS); fi
 
