@@ -222,8 +222,9 @@ def placements(wl: Workload, names: set[str], cache_dir: Path) -> dict:
     return out
 
 
-def flash_file(wl: Workload, perm, cache_dir: Path):
-    """The workload's bundles laid out in `perm`, written once and reused (layout.pack)."""
+def flash_file(wl: Workload, perm, cache_dir: Path, kind: str):
+    """The workload's bundles laid out in `perm`, written once and reused (layout.pack);
+    kind (e.g. "ripple", "ours+pinned") is recorded so that stale variants can go (prune_layouts)."""
     import numpy as np
 
     from ..layout.pack import write_layout
@@ -236,8 +237,8 @@ def flash_file(wl: Workload, perm, cache_dir: Path):
         except Exception as e:   # a stale or damaged cache entry is rewritten
             print(f"bench io: rewriting {d} ({e})", file=sys.stderr)
     layers = ((wl.bundles(l), perm[l]) for l in range(len(perm)))
-    write_layout(d, wl.spec, layers, {"bench": "io", "workload": wl.name}, wl.source, wl.source_hash,
-                 arch=wl.arch)
+    write_layout(d, wl.spec, layers, {"bench": "io", "workload": wl.name, "layout": kind}, wl.source,
+                 wl.source_hash, arch=wl.arch)
     return open_layout(d)
 
 
@@ -253,6 +254,35 @@ def host_storage(path: Path, host_profile: str | None, engine: str):
         return d.storage, {"profile": host_profile, "source": d.source}
     r = probe_storage(path, quick=False, engine=engine, with_fio=False)
     return r.storage, {"probed": str(r.file), "seconds": round(r.seconds, 1), "engine": r.engine}
+
+
+def layout_kind(s) -> str:
+    """What a strategy's flash file is laid out by: its placement, and whether the pinned
+    bundles were moved to the region ends (which follows the probe, so it drifts with the disk)."""
+    return s.placement + ("+pinned" if s.pinned_last else "")
+
+
+def prune_layouts(cache_dir: Path, kept: dict, wl: Workload) -> None:
+    """Remove cached flash files of this workload and checkpoint that a kind of layout this run
+    wrote anew replaces (kept: kind -> the folder used now): `ours` lays its pinned bundles out
+    by the probe's figures, so runs on a drifting disk would each leave a whole FFN behind (1 GB
+    for relu-synthetic)."""
+    import shutil
+    kept = {k: Path(v).resolve() for k, v in kept.items()}
+    gone = 0
+    for d in Path(cache_dir).glob("layout-*"):
+        try:
+            m = json.loads((d / "manifest.json").read_text())
+            meta, source = m.get("meta", {}), m.get("source", {}).get("hash")
+        except (OSError, ValueError, AttributeError):
+            continue
+        kind = meta.get("layout")
+        if kind in kept and d.resolve() != kept[kind] and meta.get("bench") == "io" \
+                and meta.get("workload") == wl.name and source == wl.source_hash:
+            gone += sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+            shutil.rmtree(d)
+    if gone:
+        print(f"bench io: removed {gone / 1e9:.2f} GB of stale {wl.name} flash files", file=sys.stderr)
 
 
 def read_whole(reader, request: int = 4 << 20) -> float:
@@ -325,6 +355,7 @@ def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float
 
     strats, perms, layouts, traces, tuned = plan_strategies(wl, strats, held, warmup, queue_depth,
                                                             budget_bytes, storage, cdir)
+    prune_layouts(cdir, {layout_kind(s): Path(layouts[s.name].path).parent for s in strats}, wl)
 
     # The storage model is checked against the reads with a table measured between them, a
     # few cells after every token, so that both see the same load (this machine's moves).
@@ -446,7 +477,7 @@ def plan_strategies(wl: Workload, strats: list, held: np.ndarray, warmup: int, q
         perm = layout_perm(s, perms[s.placement], cache)
         if s.pinned_last or s.cache == "linking":   # their cache reads the placement as laid out
             cache = build_cache(s, budget_bytes, bb, perm, wl.calib)
-        layout = flash_file(wl, perm, cache_dir)
+        layout = flash_file(wl, perm, cache_dir, layout_kind(s))
         layouts[s.name] = layout
         print(f"bench io: planning {s.name}", file=sys.stderr)
         traces[s.name] = plan_trace(s, held, layout.perm, cache, layout.region_offsets, bb, storage,

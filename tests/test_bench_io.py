@@ -94,3 +94,25 @@ def test_unknown_strategy_is_refused_before_any_work(tiny):
     with pytest.raises(StrategyError, match="dense"):
         bench_io_cmd(model=str(model), profile=str(prof), strategies=["fastest"], cache_dir=str(d / "c2"),
                      host_profile="pixel8-ufs31")
+
+
+def test_stale_variants_of_a_layout_this_run_wrote_are_removed_and_nothing_else(tmp_path):
+    """`ours` pins by the probe's figures, so another run may lay out its file anew: the
+    variant it replaces goes; other kinds, workloads and checkpoints stay."""
+    from types import SimpleNamespace
+
+    from ripple.android_host.bench_io import prune_layouts
+
+    def fake(name, kind, workload="relu-tiny", source="abc"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "model.rflash").write_bytes(b"x" * 4096)
+        (d / "manifest.json").write_text(json.dumps(
+            {"meta": {"bench": "io", "workload": workload, "layout": kind}, "source": {"hash": source}}))
+        return d
+    now, stale = fake("layout-1", "ours+pinned"), fake("layout-2", "ours+pinned")
+    ripple = fake("layout-3", "ripple")
+    others = [fake("layout-4", "ours+pinned", workload="real"), fake("layout-5", "ours+pinned", source="def")]
+    prune_layouts(tmp_path, {"ours+pinned": now}, SimpleNamespace(name="relu-tiny", source_hash="abc"))
+    assert not stale.exists()
+    assert now.exists() and ripple.exists() and all(d.exists() for d in others)
