@@ -481,8 +481,21 @@ class BundleStore:
         self.cache.read_through(layer, ids)
         self.keep(layer, ids, rows)
 
-    def rows(self, layer: int, ids: np.ndarray) -> np.ndarray:
-        return self.slab[self.row_of[layer * self.cache.n + np.asarray(ids, np.int64)]] if len(ids) else None
+    def rows(self, layer: int, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray | None:
+        """The stored bytes of `ids` (all stored), a copy; into `out` (len(ids), bundle_bytes)
+        when given, with no temporary (read_ahead fills each pinned tail so, every layer of
+        every token). Rows kept together in this order (a tail stored in one `keep`) are one
+        block copy instead of a gather."""
+        if not len(ids):
+            return out
+        at = self.row_of[layer * self.cache.n + np.asarray(ids, np.int64)]
+        if out is None:
+            out = np.empty((len(at), self.slab.shape[1]), np.uint8)
+        if at[-1] - at[0] == len(at) - 1 and (np.diff(at) == 1).all():
+            out[...] = self.slab[at[0]:at[-1] + 1]
+        else:
+            np.take(self.slab, at, axis=0, out=out)
+        return out
 
     def _drop_evicted(self, layer: int) -> None:
         n = self.cache.n

@@ -116,7 +116,7 @@ class ReadAhead:
         t = int(self.tail[layer])
         if t:
             n = self.layout.perm.shape[1]
-            self.region(res, layer)[n - t:] = self.store.rows(layer, self.layout.perm[layer][n - t:])
+            self.store.rows(layer, self.layout.perm[layer][n - t:], out=self.region(res, layer)[n - t:])
         return res, waited
 
     def _issue(self, layer: int) -> None:

@@ -165,3 +165,25 @@ def test_pinned_last_moves_pinned_neurons_to_the_end_in_order():
 def test_unknown_policy_is_refused():
     with pytest.raises(CacheError, match="lru"):
         make_cache("mru", 10 * BB, BB, np.tile(np.arange(N), (L, 1)))
+
+
+def test_bundle_store_hands_back_the_bytes_it_kept_in_any_order_and_into_a_buffer():
+    """rows() copies a run kept together as one block and gathers any other order; both, and
+    both with `out`, give exactly the bytes kept."""
+    from ripple.runtime_py.cache import BundleStore
+    c = make_cache("pinned", 3 * 30 * BB, BB, np.tile(np.arange(N), (L, 1)), trace(5))
+    store = BundleStore(c)
+    rng = np.random.default_rng(0)
+    kept = {}
+    for l in range(L):
+        ids = np.sort(c.pinned(l))
+        kept[l] = ids, rng.integers(0, 256, (len(ids), BB), dtype=np.uint8)
+        store.keep(l, *kept[l])
+    for l in range(L):
+        ids, rows = kept[l]
+        shuffled = rng.permutation(len(ids))
+        for order in (np.arange(len(ids)), shuffled, shuffled[:5]):
+            np.testing.assert_array_equal(store.rows(l, ids[order]), rows[order])
+            out = np.zeros((len(order), BB), np.uint8)
+            assert store.rows(l, ids[order], out=out) is out
+            np.testing.assert_array_equal(out, rows[order])
