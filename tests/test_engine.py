@@ -114,3 +114,17 @@ def test_generation_report_has_per_token_io(opt):
         assert len(io[key]) == n
     # Aligned reads cover whole blocks: never fewer bytes than the bundles needed.
     assert all(r >= b > 0 for r, b in zip(io["bytes_read_per_token"], io["bytes_needed_per_token"]))
+
+
+def test_each_step_counts_its_own_io(opt):
+    """One FFN serves the prompt and every step; each step's figures are its own, not a running
+    sum: read densely (every bundle, every layer), each step reads exactly the whole FFN."""
+    desc, layout = opt
+    tm = to_torch(desc)
+    every = desc.n_layers * desc.d_ffn * layout.bundle_bytes
+    with FlashReader(layout.path) as reader:
+        gen = generate(tm, layout, reader, np.full(desc.n_layers, -1.0), "coef", [1, 2, 3], 4)
+    assert len(gen.steps) == 4
+    assert [s.bytes_needed for s in gen.steps] == [every] * 4
+    assert gen.prefill.bytes_needed == every          # the prompt reads the union once
+    assert all(s.seconds > 0 and s.reads > 0 for s in gen.steps)
