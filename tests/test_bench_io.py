@@ -116,3 +116,25 @@ def test_stale_variants_of_a_layout_this_run_wrote_are_removed_and_nothing_else(
     prune_layouts(tmp_path, {"ours+pinned": now}, SimpleNamespace(name="relu-tiny", source_hash="abc"))
     assert not stale.exists()
     assert now.exists() and ripple.exists() and all(d.exists() for d in others)
+
+
+def test_predicted_sets_report_the_bytes_each_strategy_reads_beyond_the_true_sets(random_llama_dir, tmp_path,
+                                                                                  recorded_llama_profile):
+    """--sets predicted replays the predictor's sets and prices their false positives in bytes
+    actually read: against the same strategy planned on the true sets, which is exactly what
+    a run with the true sets reads; dense reads everything either way."""
+    from ripple.tuning.predictor import TrainConfig, save_predictor, train_from_profile
+    tm, prof = recorded_llama_profile
+    save_profile(prof, tmp_path / "p.npz")
+    pred = save_predictor(train_from_profile(prof, tm, TrainConfig(rank=4, epochs=1, batch=64)), tmp_path / "pr.npz")
+    common = dict(model=str(random_llama_dir), profile=str(tmp_path / "p.npz"), tokens=6, warmup=3,
+                  queue_depth=8, host_profile="pixel8-ufs31", cache_dir=str(tmp_path / "cache"), quick_table=True)
+    true = bench_io_cmd(**common)
+    got = bench_io_cmd(**common, sets="predicted", predictor=str(pred))
+    assert got["workload_meta"]["sets"] == "predicted"
+    for name, v in got["strategies"].items():
+        assert v["bytes_read_per_token_true_sets"] == true["strategies"][name]["bytes_read_per_token"]
+        assert v["extra_bytes_read_frac"] == pytest.approx(
+            v["bytes_read_per_token"] / v["bytes_read_per_token_true_sets"] - 1, abs=1e-4)
+    assert got["strategies"]["dense"]["extra_bytes_read_frac"] == 0
+    assert "extra_bytes_read_frac" not in true["strategies"]["ours"]
