@@ -111,8 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-measure-misses", action="store_true",
                    help="predicted sets: do not score the oracle beside the engine (no missed/extra "
                         "figures), so no FFN weight is held in DRAM")
-    p.add_argument("--non-ffn-dtype", choices=["bf16", "fp32"], default="bf16",
-                   help="storage of attention and embedding/LM-head weights (default bf16)")
+    p.add_argument("--non-ffn-dtype", choices=["bf16", "fp32", "gguf"], default="bf16",
+                   help="storage of attention and embedding/LM-head weights (default bf16; gguf: the "
+                        "GGUF's own Q4_1/Q8_0 blocks, multiplied in place)")
+    p.add_argument("--storage", help="device profile (`ripple probe storage --out F`, or a shipped name): "
+                                     "plan reads by its latency table (access collapse); default one read per run")
+    p.add_argument("--predictor-dtype", choices=["fp16", "int8"], default="fp16",
+                   help="how the predictor is held in DRAM")
     p.set_defaults(run=_run_generate)
 
     p = sub.add_parser("probe", help="measure a device (storage latency table) into a device profile")
@@ -240,7 +245,8 @@ def _run_generate(args) -> None:
     _print_generation(api.generate_cmd(args.layout, args.model, args.prompt, args.tokens, args.sparsity,
                                        args.queue_depth, not args.no_chat, not args.buffered, args.json,
                                        args.backend, args.sets, args.predictor, args.verify,
-                                       not args.no_measure_misses, args.non_ffn_dtype, args.read_ahead))
+                                       not args.no_measure_misses, args.non_ffn_dtype, args.read_ahead,
+                                       args.storage, args.predictor_dtype))
 
 
 def _run_devices(args) -> None:

@@ -19,7 +19,7 @@ from ..runtime_py.reader import FlashReader
 from ..tuning.calibration import (CALIBRATION_PROMPTS, HELDOUT_PROMPTS, file_sequences,
                                   sample_sequences, split_heldout)
 from ..tuning.checkpoint import default_model_path, load_model, load_tokenizer
-from ..tuning.forward import to_torch
+from ..tuning.forward import quantizable_non_ffn, to_torch, to_torch_quantized
 from ..tuning.load_gguf import ffn_q4_1_rows
 from ..tuning.relu_tiny import SPLIT_TEXT_NOTE, split_sequences
 from ..tuning.profile import Profile, ProfileError, load_profile, run_profile, save_profile, thresholds_at
@@ -136,14 +136,18 @@ def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What 
                  chat: bool = True, o_direct: bool = True, json_out: str | None = None,
                  backend: str = "torch", sets: str | None = None, predictor: str | None = None,
                  verify: bool = False, measure_misses: bool = True, non_ffn_dtype: str = "bf16",
-                 read_ahead: int = 2) -> dict:
+                 read_ahead: int = 2, storage: str | None = None, predictor_dtype: str = "fp16") -> dict:
     """sets: "predicted" (default when the layout folder holds predictor.npz, or --predictor is
     given) or "oracle" (true sets computed beside the engine; measurement only).
     verify: check every block read against its CRC (layout.block_crc; costs CPU per byte read).
     measure_misses: with predicted sets, score the oracle beside the engine (missed neurons,
     extra bytes); off, no FFN weight is kept in DRAM. non_ffn_dtype: "bf16" or "fp32" storage
-    of attention and embedding/LM-head matrices (tuning.forward.to_torch). read_ahead: layers a
-    nearly whole layer's region is read early, overlapping compute (runtime_py.read_ahead; 0: off)."""
+    of attention and embedding/LM-head matrices (tuning.forward.to_torch), or "gguf": the GGUF's
+    own Q4_1/Q8_0 blocks, multiplied in place (to_torch_quantized). read_ahead: layers a
+    nearly whole layer's region is read early, overlapping compute (runtime_py.read_ahead; 0: off).
+    storage: a device profile (`ripple probe storage --out`, or a shipped name): reads are planned
+    by ours' cheapest-plan planner on its latency table (access collapse) instead of one read
+    per run. predictor_dtype: how the predictor is held in DRAM ("fp16" or "int8")."""
     if tokens < 1:
         raise ValueError(f"--tokens {tokens}: must be at least 1")
     path = model or default_model_path()
@@ -160,9 +164,21 @@ def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What 
             raise ValueError(f"{layout_dir}: packed without a profile, so only --sparsity 0 works; "
                              "pack with --profile")
         thresholds = thresholds_at(meta["grid"], meta["grid_thresholds"], sparsity)
-    label, policy = set_policy(layout, desc, sparsity, sets, predictor)
+    if non_ffn_dtype not in NON_FFN_DTYPES and non_ffn_dtype != "gguf":
+        raise ValueError(f"--non-ffn-dtype {non_ffn_dtype}: choose gguf, {', '.join(NON_FFN_DTYPES)}")
+    if non_ffn_dtype == "gguf" and not quantizable_non_ffn(desc):
+        raise ValueError(f"{path}: --non-ffn-dtype gguf needs a GGUF whose attention and embedding "
+                         "matrices are Q4_1 or Q8_0; use bf16")
+    planner = None
+    if storage is not None:
+        from ..runtime_py.strategies import STRATEGIES, layer_planner
+        from .devices import load_device
+        planner = layer_planner(STRATEGIES["ours"], load_device(storage).storage, queue_depth, desc.d_ffn)
+    label, policy = set_policy(layout, desc, sparsity, sets, predictor, predictor_dtype)
     tok = load_tokenizer(path)
-    tm = to_torch(desc, NON_FFN_DTYPES[non_ffn_dtype], ffn=label == "oracle" or measure_misses)
+    ffn = label == "oracle" or measure_misses
+    tm = to_torch_quantized(desc, ffn=ffn) if non_ffn_dtype == "gguf" else \
+        to_torch(desc, NON_FFN_DTYPES[non_ffn_dtype], ffn=ffn)
     n_neurons = desc.n_layers * desc.d_ffn
     del desc             # tm holds what the engine needs; the float32 arrays of the rest go
     if chat and getattr(tok, "chat_template", None):
@@ -171,17 +187,32 @@ def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What 
     else:
         ids = list(tok(prompt)["input_ids"])
     checks = block_checks(layout) if verify else None
-    with FlashReader(layout.path, queue_depth, o_direct, checks=checks) as reader, \
+    with _torch_threads(1 if backend == "tvm" else None), \
+            FlashReader(layout.path, queue_depth, o_direct, checks=checks) as reader, \
             (ReadAhead(layout, queue_depth, read_ahead, o_direct=o_direct, checks=checks) if read_ahead
              else contextlib.nullcontext()) as ahead:
         gen = generate(tm, layout, reader, thresholds, meta.get("criterion", "coef"), ids, tokens, tok,
-                       backend, policy, measure_misses=measure_misses, ahead=ahead)
+                       backend, policy, planner=planner, measure_misses=measure_misses, ahead=ahead)
         rep = report(gen, reader, n_neurons, label)
     out = {"model": str(path), "layout": str(layout.path), "sparsity": sparsity, "prompt": prompt,
            "text": gen.text, "tokens": gen.tokens, **rep}
     if json_out:
         write_json(json_out, out)
     return out
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """Torch on n threads inside (None: as it is). With the TVM backend the heavy work runs in
+    TVM's own pool; a second OpenMP pool spinning beside it on the same cores made a token 3-5x
+    slower (bench e2e), so torch's small per-token ops run on one."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def train_predictor_cmd(profile: str, out: str, model: str | None = None, sparsity: float | None = None,

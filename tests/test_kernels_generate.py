@@ -67,3 +67,39 @@ def test_generate_takes_the_backend_flag():
     args = build_parser().parse_args(["generate", "--layout", "L", "--backend", "tvm"])
     assert args.backend == "tvm"
     assert build_parser().parse_args(["generate", "--layout", "L"]).backend == "torch"
+
+
+def test_generate_plans_by_a_device_profile_and_holds_gguf_blocks(tmp_path, random_llama_dir, capsys):
+    """`ripple generate --storage D` plans its reads by D's latency table (ours' planner): the
+    same tokens, from the requests that planner makes; --non-ffn-dtype gguf holds the GGUF's own
+    blocks (the embedded model: its non-FFN bytes), and for a model that is not such a GGUF says
+    so in one line."""
+    import gguf
+    from ripple.android_host.cli import main
+    from ripple.android_host.devices import load_device
+    from ripple.android_host.interface import generate_cmd, pack_cmd
+    from ripple.runtime_py.strategies import STRATEGIES, layer_planner
+    gguf_path = default_model_path()
+    pack_cmd(str(gguf_path), str(tmp_path / "lay"), dtype="q4d8")
+    run = dict(layout_dir=str(tmp_path / "lay"), tokens=1, read_ahead=0, backend="tvm", non_ffn_dtype="gguf")
+    plain = generate_cmd(**run)
+    planned = generate_cmd(**run, storage="oneplus12-ufs40")
+    assert planned["tokens"] == plain["tokens"]
+    # Packed without a profile every neuron is active: one run per layer, which ours' planner
+    # cuts where the device's cost per byte flattens.
+    lay = open_layout(tmp_path / "lay")
+    L, n = lay.perm.shape
+    plan = layer_planner(STRATEGIES["ours"], load_device("oneplus12-ufs40").storage, 32, n)
+    want = sum(len(plan(np.arange(n), int(lay.region_offsets[l]), lay.bundle_bytes, lay.alignment).extents)
+               for l in range(L))
+    assert plain["io"]["reads_per_token"] == [L] and planned["io"]["reads_per_token"] == [want]
+    blocks = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(gguf_path)).tensors
+                 if "ffn_" not in t.name and t.tensor_type.name in ("Q4_1", "Q8_0"))
+    held = planned["resident"]["non_ffn_dtypes"]
+    assert held["q4_1"] + held["q8_0"] == blocks and set(held) <= {"q4_1", "q8_0", "float32"}
+    pack_cmd(str(random_llama_dir), str(tmp_path / "other"))
+    capsys.readouterr()
+    code = main(["generate", "--layout", str(tmp_path / "other"), "--model", str(random_llama_dir),
+                 "--non-ffn-dtype", "gguf"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "needs a GGUF" in err[0]
