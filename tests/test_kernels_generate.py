@@ -103,3 +103,7 @@ def test_generate_plans_by_a_device_profile_and_holds_gguf_blocks(tmp_path, rand
                  "--non-ffn-dtype", "gguf"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "needs a GGUF" in err[0]
+    code = main(["generate", "--layout", str(tmp_path / "other"), "--model", str(random_llama_dir),
+                 "--storage", str(tmp_path / "nowhere.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no such device profile" in err[0]
