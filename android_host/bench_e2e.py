@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from .bench_io import cache_key
+from .bench_io import cache_key, cached_manifest
 
 CONFIGS = ("llamacpp-warm", "llamacpp-cold", "llamacpp-ffn-cold", "ours", "ours-dense")
 LLAMA_EVICTION = {"llamacpp-warm": "none", "llamacpp-cold": "file", "llamacpp-ffn-cold": "ffn"}
@@ -166,9 +166,10 @@ def prepare_ours(path: Path, desc, cdir: Path, dtype: str, sparsity: float | Non
                 np.ascontiguousarray(laid).tobytes())
     layout_dir = cdir / f"layout-{dtype}-{key}"
     # The pinned bundles follow the probe, so a drifting disk lays out a new file now and then;
-    # the ones this run does not use go (61 MB each on SmolLM2 in q4d8).
+    # the ones of this checkpoint this run does not use go (61 MB each on SmolLM2 in q4d8).
     for old in cdir.glob(f"layout-{dtype}-*"):
-        if old != layout_dir:
+        m = cached_manifest(old)
+        if old != layout_dir and m is not None and m.get("source", {}).get("hash") == desc.source_hash:
             shutil.rmtree(old, ignore_errors=True)
             (cdir / f"placement-{old.name.rsplit('-', 1)[1]}.npz").unlink(missing_ok=True)
     try:

@@ -262,6 +262,17 @@ def layout_kind(s) -> str:
     return s.placement + ("+pinned" if s.pinned_last else "")
 
 
+def cached_manifest(layout_dir: Path) -> dict | None:
+    """The manifest of a cached flash file, None if it has none readable (never raises: pruning
+    a cache must not fail on what it cannot read)."""
+    try:
+        m = json.loads((Path(layout_dir) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and isinstance(m.get("meta", {}), dict) \
+        and isinstance(m.get("source", {}), dict) else None
+
+
 def prune_layouts(cache_dir: Path, kept: dict, wl: Workload) -> None:
     """Remove cached flash files of this workload and checkpoint that a kind of layout this run
     wrote anew replaces (kept: kind -> the folder used now): `ours` lays its pinned bundles out
@@ -271,11 +282,10 @@ def prune_layouts(cache_dir: Path, kept: dict, wl: Workload) -> None:
     kept = {k: Path(v).resolve() for k, v in kept.items()}
     gone = 0
     for d in Path(cache_dir).glob("layout-*"):
-        try:
-            m = json.loads((d / "manifest.json").read_text())
-            meta, source = m.get("meta", {}), m.get("source", {}).get("hash")
-        except (OSError, ValueError, AttributeError):
+        m = cached_manifest(d)
+        if m is None:
             continue
+        meta, source = m.get("meta", {}), m.get("source", {}).get("hash")
         kind = meta.get("layout")
         if kind in kept and d.resolve() != kept[kind] and meta.get("bench") == "io" \
                 and meta.get("workload") == wl.name and source == wl.source_hash:
