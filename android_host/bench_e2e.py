@@ -135,6 +135,7 @@ class OursSetup:
     budget_bytes: int
     sparsity: float
     dtype: str
+    whole_copy: bool = False      # the layout has the GGUF's own blocks per layer (layout.whole_copy)
 
 
 def prepare_ours(path: Path, desc, cdir: Path, dtype: str, sparsity: float | None, budget: float,
@@ -181,6 +182,18 @@ def prepare_ours(path: Path, desc, cdir: Path, dtype: str, sparsity: float | Non
         os.replace(tmp, place_file)
         print(f"bench e2e: packing {dtype} bundles in the ours placement into {layout_dir}", file=sys.stderr)
         pack_cmd(str(path), str(layout_dir), profile, str(place_file), dtype)
+    # Layers read whole are read as the GGUF's own blocks when it has them in kinds the GEMV
+    # multiplies (fewer bytes than q4d8 bundles, no requantized down; layout.whole_copy).
+    from ..layout.errors import LayoutError
+    from ..layout.whole_copy import ffn_tensors, open_whole_copy, write_whole_copy
+    try:
+        ffn_tensors(path, desc.n_layers)
+        whole = True
+    except LayoutError:
+        whole = False
+    if whole and open_whole_copy(layout_dir, desc.source_hash) is None:
+        print(f"bench e2e: writing the GGUF's FFN blocks per layer into {layout_dir}", file=sys.stderr)
+        write_whole_copy(layout_dir, path, desc.n_layers, desc.source_hash)
     from ..tuning.profile import ProfileError, load_profile
     try:
         load_profile(profile).inputs("calib")
@@ -191,7 +204,7 @@ def prepare_ours(path: Path, desc, cdir: Path, dtype: str, sparsity: float | Non
         print(f"bench e2e: training the activation predictor into {predictor}", file=sys.stderr)
         train_predictor_cmd(profile, predictor, model=str(path))
     return OursSetup(str(path), str(layout_dir), profile, predictor, s, tuned, storage, budget_bytes,
-                     float(wl.sparsity), dtype)
+                     float(wl.sparsity), dtype, whole)
 
 
 # ---------------------------------------------------------------- workers (one process each)
@@ -220,6 +233,7 @@ def ours_worker(setup: OursSetup, prompt_ids: list[int], tokens: int, threads: i
     import torch
 
     from ..layout.reader import check_source, open_layout
+    from ..layout.whole_copy import open_whole_copy
     from ..runtime_py.cache import BundleStore
     from ..runtime_py.engine import IOStats, ffn_backend, generate, report
     from ..runtime_py.read_ahead import ReadAhead
@@ -244,6 +258,10 @@ def ours_worker(setup: OursSetup, prompt_ids: list[int], tokens: int, threads: i
     criterion = meta.get("criterion", "coef")
     n = desc.d_ffn
     store = None
+    # ours: the DRAM budget holds whole layers of the copy first (their reads are gone from every
+    # token), the bundle cache the rest; ours-dense reads every bundle, as its name says.
+    copy = open_whole_copy(layout.path.parent, desc.source_hash) if setup.whole_copy and not dense else None
+    pin = 0 if copy is None else setup.budget_bytes // copy.layer_bytes * copy.layer_bytes
     if dense:
         thresholds = np.full(desc.n_layers, -1.0)
         label, policy = "all", None
@@ -253,7 +271,7 @@ def ours_worker(setup: OursSetup, prompt_ids: list[int], tokens: int, threads: i
         label, policy = set_policy(layout, desc, setup.sparsity, "predicted" if setup.predictor else "oracle",
                                    setup.predictor, PREDICTOR_DRAM)
         planner = layer_planner(setup.strategy, setup.storage, queue_depth, n)
-        cache = build_cache(setup.strategy, setup.budget_bytes, layout.bundle_bytes, layout.perm,
+        cache = build_cache(setup.strategy, setup.budget_bytes - pin, layout.bundle_bytes, layout.perm,
                             load_profile(setup.profile).masks("calib"))
         store = BundleStore(cache)
     # No FFN weight in DRAM (predicted sets, misses not measured; dense needs no scores);
@@ -266,7 +284,8 @@ def ours_worker(setup: OursSetup, prompt_ids: list[int], tokens: int, threads: i
     # Layers read whole (every one when dense, else those whose last plan read nearly all of
     # their region) are read READ_AHEAD layers early, overlapping the compute in between.
     with FlashReader(layout.path, queue_depth) as reader, \
-            ReadAhead(layout, queue_depth, READ_AHEAD, "all" if dense else "auto", store=store) as ahead:
+            ReadAhead(layout, queue_depth, READ_AHEAD, "all" if dense else "auto", store=store,
+                      whole_copy=copy, pin_bytes=pin) as ahead:
         gen = generate(tm, layout, reader, thresholds, criterion, prompt_ids, tokens, None, BACKEND,
                        policy, planner, store, measure_misses=False, kv_dtype=getattr(torch, KV_DTYPE),
                        ahead=ahead)
@@ -282,7 +301,8 @@ def ours_worker(setup: OursSetup, prompt_ids: list[int], tokens: int, threads: i
             "sets": label, "rss_bytes": rss, "ppl": ppl, "tokens": gen.tokens,
             "resident": rep["resident"],      # runtime_py.resident.resident_bytes: what it holds
             # Read whole ahead: their sets found in the kernel among all bundles (tvm_ffn).
-            "layers_read_whole": int(ahead.whole.sum())}
+            "layers_read_whole": int(ahead.whole.sum()),
+            "whole_copy": copy is not None, "layers_pinned": len(ahead.pinned)}
 
 
 def _in_process(fn, *args):
@@ -509,7 +529,7 @@ def bench_e2e_cmd(model: str | None = None, json_out: str | None = None, prompt:
                "load_average": os.getloadavg()[0], "seconds": None}
     for name, r in raw.items():
         details[name] = {k: r[k] for k in ("resident", "summary", "eviction_notes", "evicted_bytes", "sets",
-                                           "layers_read_whole") if k in r}
+                                           "layers_read_whole", "whole_copy", "layers_pinned") if k in r}
     if "ours" in raw:
         details["ours_dram_forms"] = {"predictor": PREDICTOR_DRAM, "kv_cache": KV_DTYPE}
         notes.append("ours' model_bytes_resident is the engine's own sum of what it holds "

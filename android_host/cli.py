@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundle encoding: fp16, int8 with a float32 scale per part of each bundle, "
                         "q4 (GGUF Q4_1 blocks of 32; a Q4_1 GGUF's gate/up blocks are copied), "
                         "or q4d8 (q4's gate/up, the down column 8-bit with a float16 scale per 32)")
+    p.add_argument("--whole-copy", action="store_true",
+                   help="also write the GGUF's own gate/up/down blocks per layer (whole.rflash): "
+                        "layers read whole are read from there, fewer bytes and no requantized down")
     p.set_defaults(run=_run_pack)
 
     p = sub.add_parser("place", help="order each layer's neurons so that co-firing ones sit together")
@@ -118,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "plan reads by its latency table (access collapse); default one read per run")
     p.add_argument("--predictor-dtype", choices=["fp16", "int8"], default="fp16",
                    help="how the predictor is held in DRAM")
+    p.add_argument("--no-whole-copy", action="store_true",
+                   help="read layers read whole as bundles even when the layout has a whole copy")
     p.set_defaults(run=_run_generate)
 
     p = sub.add_parser("probe", help="measure a device (storage latency table) into a device profile")
@@ -227,7 +232,8 @@ def _run_train_predictor(args) -> None:
 
 def _run_pack(args) -> None:
     from . import interface as api
-    print(json.dumps(api.pack_cmd(args.model, args.out, args.profile, args.placement, args.dtype), indent=1))
+    print(json.dumps(api.pack_cmd(args.model, args.out, args.profile, args.placement, args.dtype,
+                                  args.whole_copy), indent=1))
 
 
 def _run_place(args) -> None:
@@ -246,7 +252,7 @@ def _run_generate(args) -> None:
                                        args.queue_depth, not args.no_chat, not args.buffered, args.json,
                                        args.backend, args.sets, args.predictor, args.verify,
                                        not args.no_measure_misses, args.non_ffn_dtype, args.read_ahead,
-                                       args.storage, args.predictor_dtype))
+                                       args.storage, args.predictor_dtype, not args.no_whole_copy))
 
 
 def _run_devices(args) -> None:

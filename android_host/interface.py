@@ -13,6 +13,8 @@ from ..layout.bundle import BLOCK_DTYPES, BundleSpec
 from ..layout.pack import write_layout
 from ..layout.quantization import QuantizationReport, encode_layer
 from ..layout.reader import block_checks, check_source, describe, open_layout, verify_layout
+from ..layout.whole_copy import (ffn_tensors, open_whole_copy, remove_whole_copy, verify_whole_copy,
+                                 write_whole_copy)
 from ..runtime_py.engine import generate, report
 from ..runtime_py.read_ahead import ReadAhead
 from ..runtime_py.reader import FlashReader
@@ -62,9 +64,13 @@ def profile_cmd(model: str | None, out: str, text: list[str] | None = None, crit
 
 
 def pack_cmd(model: str | None, out_dir: str, profile: str | None = None,
-             placement: str | None = None, dtype: str = "fp16") -> dict:
+             placement: str | None = None, dtype: str = "fp16", whole_copy: bool = False) -> dict:
+    """whole_copy: also write the GGUF's own FFN blocks per layer (layout.whole_copy), which
+    the engine reads for layers it reads whole; without it an earlier pack's copy is removed."""
     path = model or default_model_path()
     desc = load_model(path)
+    if whole_copy:
+        ffn_tensors(path, desc.n_layers)          # refused before anything is written
     meta: dict = {"model": desc.name or str(path), "arch": desc.arch}
     if profile:
         p = load_profile(profile)
@@ -91,6 +97,10 @@ def pack_cmd(model: str | None, out_dir: str, profile: str | None = None,
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_layout(out_dir, spec, layers(), meta, str(path), desc.source_hash, arch=desc.arch,
                  quantization=quantization)
+    if whole_copy:
+        verify_whole_copy(write_whole_copy(out_dir, path, desc.n_layers, desc.source_hash))
+    else:
+        remove_whole_copy(out_dir)
     return layout_summary(open_layout(out_dir, verify=True))
 
 
@@ -105,6 +115,11 @@ def layout_summary(layout) -> dict:
         # The mean over tokens: each token reads its own active set, (1 - sparsity) of them.
         info["ffn_bytes_per_token"][f"at_sparsity_{sparsity:g}"] = round((1 - sparsity) * dense)
     info["quantization"] = layout.manifest.quantization
+    copy = open_whole_copy(layout.path.parent, layout.manifest.source_hash)
+    if copy is not None:
+        info["whole_copy"] = {"file": str(copy.path), "layer_bytes": copy.layer_bytes,
+                              "parts": {p.name: p.kind for p in copy.parts},
+                              "bytes_per_token_read_whole": copy.layer_bytes * copy.n_layers}
     return info
 
 
@@ -123,6 +138,9 @@ def inspect_cmd(path: str, verify: bool = False) -> dict:
     layout = open_layout(path, verify=False)
     if verify:
         verify_layout(layout)
+        copy = open_whole_copy(layout.path.parent, layout.manifest.source_hash)
+        if copy is not None:
+            verify_whole_copy(copy)
     info = layout_summary(layout)
     info["verified"] = verify
     return info
@@ -136,7 +154,8 @@ def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What 
                  chat: bool = True, o_direct: bool = True, json_out: str | None = None,
                  backend: str = "torch", sets: str | None = None, predictor: str | None = None,
                  verify: bool = False, measure_misses: bool = True, non_ffn_dtype: str = "bf16",
-                 read_ahead: int = 2, storage: str | None = None, predictor_dtype: str = "fp16") -> dict:
+                 read_ahead: int = 2, storage: str | None = None, predictor_dtype: str = "fp16",
+                 whole_copy: bool = True) -> dict:
     """sets: "predicted" (default when the layout folder holds predictor.npz, or --predictor is
     given) or "oracle" (true sets computed beside the engine; measurement only).
     verify: check every block read against its CRC (layout.block_crc; costs CPU per byte read).
@@ -147,7 +166,9 @@ def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What 
     nearly whole layer's region is read early, overlapping compute (runtime_py.read_ahead; 0: off).
     storage: a device profile (`ripple probe storage --out`, or a shipped name): reads are planned
     by ours' cheapest-plan planner on its latency table (access collapse) instead of one read
-    per run. predictor_dtype: how the predictor is held in DRAM ("fp16" or "int8")."""
+    per run. predictor_dtype: how the predictor is held in DRAM ("fp16" or "int8").
+    whole_copy: layers read ahead are read from the layout's whole copy when it has one
+    (`ripple pack --whole-copy`: the GGUF's own blocks, every neuron computed)."""
     if tokens < 1:
         raise ValueError(f"--tokens {tokens}: must be at least 1")
     path = model or default_model_path()
@@ -187,10 +208,13 @@ def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What 
     else:
         ids = list(tok(prompt)["input_ids"])
     checks = block_checks(layout) if verify else None
+    copy = open_whole_copy(layout.path.parent, layout.manifest.source_hash) if whole_copy and read_ahead else None
+    if copy is not None and verify:
+        verify_whole_copy(copy)
     with _torch_threads(1 if backend == "tvm" else None), \
             FlashReader(layout.path, queue_depth, o_direct, checks=checks) as reader, \
-            (ReadAhead(layout, queue_depth, read_ahead, o_direct=o_direct, checks=checks) if read_ahead
-             else contextlib.nullcontext()) as ahead:
+            (ReadAhead(layout, queue_depth, read_ahead, o_direct=o_direct, checks=checks, whole_copy=copy)
+             if read_ahead else contextlib.nullcontext()) as ahead:
         gen = generate(tm, layout, reader, thresholds, meta.get("criterion", "coef"), ids, tokens, tok,
                        backend, policy, planner=planner, measure_misses=measure_misses, ahead=ahead)
         rep = report(gen, reader, n_neurons, label)

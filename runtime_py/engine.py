@@ -27,6 +27,7 @@ from .bundle_tensors import decode_tensors
 from .planner import Plan, chain_ends, covered_slots, plan_reads
 from .reader import FlashReader, ReadResult
 from .resident import resident_bytes
+from .whole_ffn import whole_ffn
 
 SETS = "oracle"
 SET_POLICIES = ("oracle", "predicted")
@@ -175,6 +176,13 @@ def count_read(stats: IOStats, res: ReadResult, waited: float, bytes_needed: int
     stats.active += active
 
 
+def copy_ffn(ahead, layer: int, got, x: torch.Tensor, stats: IOStats, n: int) -> torch.Tensor:
+    """A layer read whole from its whole copy (runtime_py.read_ahead): every neuron, computed on
+    the GGUF's own blocks (runtime_py.whole_ffn); all its bytes were needed."""
+    count_read(stats, *got, sum(p.nbytes for p in ahead.copy.parts), n)
+    return whole_ffn(ahead.copy, ahead.region(got[0], layer), x)
+
+
 def flash_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np.ndarray,
               criterion: str, stats: IOStats, sets=None, planner=None, store=None,
               measure_misses: bool = True, ahead=None) -> FFN:
@@ -190,9 +198,13 @@ def flash_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: n
     def ffn(layer: int, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
         hf = h.reshape(-1, shape[-1])
+        got = ahead.take(layer) if ahead else None
+        if got is not None and ahead.copy is not None:
+            y = copy_ffn(ahead, layer, got, hf, stats, tm.desc.d_ffn)
+            return (y if tm.layers[layer]["b_down"] is None else y + tm.layers[layer]["b_down"]).reshape(shape)
         want = choose(layer, hf)
         rows, read_ids = fetch(layout, reader, layer, np.flatnonzero(want.any(0).numpy()), stats,
-                               planner, store, ahead=ahead, got=ahead.take(layer) if ahead else None)
+                               planner, store, ahead=ahead, got=got)
         # Down columns only of neurons some token keeps (with predicted sets ~45% of those read).
         b = decode_tensors(spec, rows, GEMV_PARTS)
         ids = torch.from_numpy(read_ids)
@@ -278,7 +290,7 @@ def generate(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np
         gen.steps.append(stats.take())
     if tokenizer is not None:
         gen.text = tokenizer.decode(gen.tokens, skip_special_tokens=True)
-    gen.resident = resident_bytes(tm, cache, store, sets)
+    gen.resident = resident_bytes(tm, cache, store, sets, ahead)
     return gen
 
 

@@ -61,11 +61,14 @@ def predictor_bytes(sets) -> int:
     return 0 if tensors is None else int(sum(t.untyped_storage().nbytes() for t in tensors()))
 
 
-def resident_bytes(tm: TorchModel, kv: KVCache | None = None, store=None, sets=None) -> dict:
-    """Everything the engine holds, by kind, and the total (the figure bench e2e reports)."""
+def resident_bytes(tm: TorchModel, kv: KVCache | None = None, store=None, sets=None, ahead=None) -> dict:
+    """Everything the engine holds, by kind, and the total (the figure bench e2e reports).
+    ahead: a runtime_py.read_ahead.ReadAhead, whose layers pinned from a whole copy count as
+    FFN cache (its read buffers, like the reader's, are I/O staging and are not counted)."""
     w = weight_bytes(tm)
+    pinned = 0 if ahead is None else ahead.pinned_bytes
     out = {"non_ffn_weights": w["non_ffn"], "ffn_weights_dram_copy": w["ffn"],
-           "ffn_cache": cache_bytes(store), "predictor": predictor_bytes(sets), "kv_cache": kv_bytes(kv)}
+           "ffn_cache": cache_bytes(store) + pinned, "predictor": predictor_bytes(sets), "kv_cache": kv_bytes(kv)}
     out["total"] = int(sum(out.values()))
     out["non_ffn_dtypes"] = w["non_ffn_dtypes"]
     return out

@@ -28,7 +28,7 @@ from ..compile.schedule import Knobs
 from ..layout.bundle import BundleSpec
 from ..layout.reader import Layout
 from ..tuning.forward import FFN, TorchModel
-from .engine import IOStats, count_read, fetch, set_chooser
+from .engine import IOStats, copy_ffn, count_read, fetch, set_chooser
 from .reader import FlashReader
 
 TARGET = "host"
@@ -94,7 +94,7 @@ def tvm_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np.
     knobs = knobs_for(spec, TARGET)[0]
     vm = layer_vm(spec, knobs, criterion)
     main, per_token = vm["main"], vm["ffn_bundles"]
-    direct = kernel(spec, knobs, criterion) if ahead is not None else None
+    direct = kernel(spec, knobs, criterion) if ahead is not None and ahead.copy is None else None
     y_whole = tvm.runtime.tensor(np.zeros(spec.d_model, np.float32))
     HOOK.bind(layout, reader, stats, planner, store, ahead)
     cols, view = buffer_cols(spec), np.dtype(VIEW_DTYPE[spec.dtype])
@@ -121,7 +121,9 @@ def tvm_ffn(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np.
         hf = h.reshape(-1, shape[-1])
         x = hf.numpy().astype(np.float32)
         got = ahead.take(layer) if ahead is not None else None
-        if got is not None:
+        if got is not None and ahead.copy is not None:
+            y = copy_ffn(ahead, layer, got, hf, stats, n).numpy()
+        elif got is not None:
             y = whole(layer, x, got)
         else:
             want = choose(layer, hf).numpy()                     # (tokens, n)
