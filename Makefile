@@ -16,14 +16,16 @@ $(STAMP): pyproject.toml
 
 # The main job on the embedded model, as an app would run it: profile which FFN neurons fire
 # (recording each layer's FFN input for the predictor), place co-firing neurons side by side,
-# pack 4-bit gate/up (the GGUF's own blocks) and 8-bit down bundles in that order, train the
-# activation predictor, measure this disk's latency table, then generate with the FFN read
-# from flash through the compiled kernels, nothing of it held in DRAM.
+# pack 4-bit gate/up (the GGUF's own blocks) and 8-bit down bundles in that order, with the
+# GGUF's own FFN blocks per layer beside them for layers read whole, train the activation
+# predictor, measure this disk's latency table, then generate with the FFN read from flash
+# through the compiled kernels, nothing of it held in DRAM.
 demo: $(STAMP)
 	mkdir -p $(DEMO)
 	.venv/bin/ripple profile --record-inputs --out $(DEMO)/profile.npz --json $(DEMO)/profile.json
 	.venv/bin/ripple place --profile $(DEMO)/profile.npz --out $(DEMO)/placement.npz
-	.venv/bin/ripple pack --profile $(DEMO)/profile.npz --placement $(DEMO)/placement.npz --dtype q4d8 --out $(DEMO)/layout
+	.venv/bin/ripple pack --profile $(DEMO)/profile.npz --placement $(DEMO)/placement.npz --dtype q4d8 --whole-copy \
+		--out $(DEMO)/layout
 	.venv/bin/ripple train-predictor --profile $(DEMO)/profile.npz --out $(DEMO)/layout
 	.venv/bin/ripple probe storage --path $(DEMO) --out $(DEMO)/storage.json
 	.venv/bin/ripple generate --layout $(DEMO)/layout --tokens 32 --backend tvm --non-ffn-dtype gguf \
