@@ -6,6 +6,9 @@ OUT/
   model.rflash     the bundles, as packed
   manifest.json    the layout's manifest (dims, placement, checksums)
   export.json      what the app needs to call the kernels: functions, hook, target, bundle
+  whole_kernels.so, whole.rflash, whole.json   when the layout has a whole copy (`ripple pack
+                   --whole-copy`): the GGUF's own FFN blocks per layer and a GEMV per part
+                   shape, for layers read whole (runtime_py/whole_ffn computes them so)
   README.md        how an app loads them
 Predictor weights are not shipped: none exist yet (export.json says "predictor": null).
 The folder is built under a temporary name and renamed when complete.
@@ -32,8 +35,10 @@ from ..layout.bundle import decode_bundles
 from ..layout.header import MODEL_FILE
 from ..layout.manifest import MANIFEST_FILE
 from ..layout.reader import bundle_offset, open_layout
+from ..layout.whole_copy import WHOLE_FILE, WHOLE_MANIFEST, open_whole_copy, verify_whole_copy
 
 KERNELS_FILE = "ffn_kernels.so"
+WHOLE_KERNELS_FILE = "whole_kernels.so"
 EXPORT_FILE = "export.json"
 README_FILE = "README.md"
 FORMAT = 1
@@ -81,6 +86,10 @@ def export_cmd(target: str, layout_dir: str, out_dir: str, db: str | None = None
             "predictor": None,
             "tvm": tvm.__version__,
         }
+        copy = open_whole_copy(layout.path.parent, layout.manifest.source_hash)
+        if copy is not None:
+            verify_whole_copy(copy)
+            info["whole_copy"] = _export_whole(copy, target, tmp)
         (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=1))
         (tmp / README_FILE).write_text(_readme(info, layout.manifest.arch))
         for p in tmp.iterdir():
@@ -125,6 +134,61 @@ def validate_export(out_dir: str | os.PathLike) -> dict:
               "layout_verified": True, "tuned": info["tuned"], "files": sorted(p.name for p in out.iterdir())}
     if runs_here(target):
         result["kernel_max_rel_err"] = _check_kernel(so, layout)
+    if "whole_copy" in info:
+        result.update(_validate_whole(out, info, layout.manifest.source_hash))
+    return result
+
+
+def _export_whole(copy, target: str, tmp: Path) -> dict:
+    """The whole copy's files and its GEMVs for the target, into the export folder."""
+    from ..compile.qgemv import kernel_name, whole_kernels
+    export_library(whole_kernels(copy.parts, target), tmp / WHOLE_KERNELS_FILE, target)
+    shutil.copyfile(copy.path, tmp / WHOLE_FILE)
+    shutil.copyfile(copy.path.with_name(WHOLE_MANIFEST), tmp / WHOLE_MANIFEST)
+    so = tmp / WHOLE_KERNELS_FILE
+    return {"file": WHOLE_FILE, "manifest": WHOLE_MANIFEST, "layer_bytes": copy.layer_bytes,
+            "kernels": {"file": WHOLE_KERNELS_FILE, "bytes": so.stat().st_size,
+                        "sha256": hashlib.sha256(so.read_bytes()).hexdigest()},
+            "parts": {p.name: {"kind": p.kind, "shape": list(p.shape), "at": p.at, "bytes": p.nbytes,
+                               "function": kernel_name(p.kind, *p.shape)} for p in copy.parts},
+            "functions": "f(x (n, cols) float32, blocks (rows, row bytes) uint8, y (n, rows) float32); "
+                         "y = down(silu(gate(x)) * up(x))"}
+
+
+def _validate_whole(out: Path, info: dict, source_hash: str) -> dict:
+    """The whole copy's checksums, its library's sha256 and machine, and on the host each
+    part's GEMV on layer 0 against the blocks dequantized by gguf."""
+    w = info["whole_copy"]
+    so = out / w["kernels"]["file"]
+    if not so.is_file() or hashlib.sha256(so.read_bytes()).hexdigest() != w["kernels"]["sha256"]:
+        raise ExportError(f"{so}: missing or not matching its sha256 in {EXPORT_FILE}; re-run `ripple export`")
+    elf = read_elf(so)
+    if elf.machine != _MACHINE[info["target"]] or not elf.shared:
+        raise ExportError(f"{so}: is a {elf.machine} object, target {info['target']} needs an "
+                          f"{_MACHINE[info['target']]} shared object")
+    copy = open_whole_copy(out, source_hash)
+    if copy is None:
+        raise ExportError(f"{out / WHOLE_MANIFEST}: missing; re-run `ripple export`")
+    verify_whole_copy(copy)
+    result = {"whole_copy_verified": True}
+    if runs_here(info["target"]):
+        import gguf
+        from ..tuning.quantized_matrix import GGUF_TYPE
+        lib = tvm.runtime.load_module(str(so))
+        with open(copy.path, "rb") as f:
+            f.seek(int(copy.offsets[0]))
+            raw = np.frombuffer(f.read(copy.layer_bytes), np.uint8).copy()
+        err = 0.0
+        for p in copy.parts:
+            blocks = copy.blocks(raw, p)
+            x = np.random.default_rng(0).standard_normal((1, p.shape[1])).astype(np.float32)
+            y = tvm.runtime.tensor(np.zeros((1, p.shape[0]), np.float32))
+            lib[w["parts"][p.name]["function"]](tvm.runtime.tensor(x), tvm.runtime.tensor(np.ascontiguousarray(blocks)), y)
+            ref = x @ gguf.quants.dequantize(blocks, GGUF_TYPE[p.kind]).reshape(p.shape).T
+            err = max(err, float(np.abs(y.numpy() - ref).max() / max(np.abs(ref).max(), 1e-12)))
+        if err > 1e-3:
+            raise ExportError(f"{so}: GEMV output differs from numpy by {err:.2e} (relative); re-run `ripple export`")
+        result["whole_kernel_max_rel_err"] = err
     return result
 
 
@@ -153,6 +217,16 @@ def _check_kernel(so: Path, layout) -> float:
 
 def _readme(info: dict, arch: str) -> str:
     b = info["bundle"]
+    w = info.get("whole_copy")
+    whole_rows = "" if w is None else (
+        f"| `{WHOLE_KERNELS_FILE}` | a GEMV per part shape of the whole copy (Q4_1/Q8_0 rows as stored) |\n"
+        f"| `{WHOLE_FILE}` | per layer, the GGUF's own gate, up, down blocks in one aligned extent "
+        f"({w['layer_bytes']} bytes) |\n| `{WHOLE_MANIFEST}` | the parts, layer offsets and checksums |\n")
+    whole_steps = "" if w is None else f"""5. A layer the app reads whole (its active set covers most of it) reads better from
+   `{WHOLE_FILE}`: read its extent (O_DIRECT, one run), then per part call the function
+   export.json's `whole_copy.parts` names on the part's bytes ([at, at + bytes) of the extent):
+   `y = down(silu(gate(x)) * up(x))`, every neuron, no active ids.
+"""
     return f"""# ripple-flash app bundle ({info['target']})
 
 Built by `ripple export` with Apache TVM {info['tvm']}. Model family: {arch}; FFN {b['activation']},
@@ -164,7 +238,7 @@ d_model {b['d_model']}, bundles {b['dtype']}.
 | `{MODEL_FILE}` | FFN bundles per layer in placement order (read per token, O_DIRECT) |
 | `{MANIFEST_FILE}` | dims, bundle encoding, placement, region offsets and checksums |
 | `{EXPORT_FILE}` | function signatures, the hook, target, schedule knobs |
-
+{whole_rows}
 **Predictor weights: none.** No predictor has been trained for this model yet, so this bundle
 has no predictor file; an app must supply the active neuron ids per layer itself until one
 ships here.
@@ -183,4 +257,4 @@ ships here.
 4. Per layer and token: `y = vm["main"](layer, ids, x)` with x the normalised FFN input;
    add the layer's b_down if the model has one. `vm["ffn_bundles"](x, bundles)` runs the
    kernel on bundles the app read itself.
-"""
+{whole_steps}"""

@@ -147,3 +147,19 @@ def qgemv_function(kind: str, rows: int, d: int):
 def bytes_moved(kind: str, rows: int, d: int, n: int = 1) -> int:
     """Bytes one call reads and writes: the blocks once, x and y per token."""
     return rows * row_bytes(kind, d) + 4 * n * (d + rows)
+
+
+def whole_kernels(parts, target_name: str = "host"):
+    """One compiled module with a GEMV per distinct (kind, rows, d) of a whole copy's parts
+    (layout.whole_copy), each named `kernel_name(kind, rows, d)`: what an app calls on the
+    whole copy's extents (`ripple export`)."""
+    funcs = {}
+    for kind, rows, d in sorted({(p.kind, p.shape[0], p.shape[1]) for p in parts}):
+        func, stages = qgemv(kind, rows, d)
+        name = kernel_name(kind, rows, d)
+        funcs[name] = schedule_qgemv(func, stages, rows)["main"].with_attr("global_symbol", name)
+    return tvm.compile(tvm.IRModule(funcs), target=make_target(target_name))
+
+
+def kernel_name(kind: str, rows: int, d: int) -> str:
+    return f"gemv_{kind}_{rows}x{d}"

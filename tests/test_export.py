@@ -4,10 +4,11 @@ import json
 import pytest
 
 from ripple.android_host.cli import main
-from ripple.android_host.export import (EXPORT_FILE, KERNELS_FILE, ExportError, export_cmd,
-                                        validate_export)
+from ripple.android_host.export import (EXPORT_FILE, KERNELS_FILE, WHOLE_KERNELS_FILE, ExportError,
+                                        export_cmd, validate_export)
 from ripple.android_host.interface import pack_cmd
 from ripple.layout import LayoutChecksumError
+from ripple.layout.whole_copy import WHOLE_FILE, WHOLE_MANIFEST
 
 APP_FILES = ["README.md", EXPORT_FILE, KERNELS_FILE, "manifest.json", "model.rflash"]
 
@@ -76,3 +77,33 @@ def test_cli_export_with_an_unknown_target_is_one_line_exit_2(layouts, tmp_path,
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown target 'ios'" in err
     assert not (tmp_path / "app").exists()
+
+
+@pytest.fixture(scope="module")
+def whole_layout(tmp_path_factory):
+    from gguf_cases import write_llama_gguf
+    root = tmp_path_factory.mktemp("whole")
+    pack_cmd(str(write_llama_gguf(root / "tiny.gguf")), str(root / "lay"), dtype="q4", whole_copy=True)
+    return root / "lay"
+
+
+@pytest.mark.parametrize("target", ["host", "android-arm64"])
+def test_a_whole_copy_ships_with_its_gemvs_and_validates(whole_layout, tmp_path, target):
+    res = export_cmd(target, str(whole_layout), str(tmp_path / "app"))
+    assert res["files"] == sorted(APP_FILES + [WHOLE_FILE, WHOLE_MANIFEST, WHOLE_KERNELS_FILE])
+    assert res["whole_copy_verified"]
+    if target == "host":
+        assert res["whole_kernel_max_rel_err"] < 1e-4
+    info = json.loads((tmp_path / "app" / EXPORT_FILE).read_text())
+    assert {p["function"] for p in info["whole_copy"]["parts"].values()} == {"gemv_q4_1_128x64", "gemv_q4_1_64x128"}
+    assert WHOLE_FILE in (tmp_path / "app" / "README.md").read_text()
+
+
+def test_a_tampered_whole_copy_fails_validation(whole_layout, tmp_path):
+    export_cmd("host", str(whole_layout), str(tmp_path / "app"))
+    f = tmp_path / "app" / WHOLE_FILE
+    raw = bytearray(f.read_bytes())
+    raw[10] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    with pytest.raises(LayoutChecksumError, match="does not match its checksum"):
+        validate_export(tmp_path / "app")
