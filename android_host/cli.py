@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the predictor is held in DRAM")
     p.add_argument("--no-whole-copy", action="store_true",
                    help="read layers read whole as bundles even when the layout has a whole copy")
+    p.add_argument("--pin-mb", type=_nonneg_float, default=0.0,
+                   help="DRAM for whole layers of the layout's whole copy, read once at start and never "
+                        "again (default 0)")
     p.set_defaults(run=_run_generate)
 
     p = sub.add_parser("probe", help="measure a device (storage latency table) into a device profile")
@@ -252,7 +255,8 @@ def _run_generate(args) -> None:
                                        args.queue_depth, not args.no_chat, not args.buffered, args.json,
                                        args.backend, args.sets, args.predictor, args.verify,
                                        not args.no_measure_misses, args.non_ffn_dtype, args.read_ahead,
-                                       args.storage, args.predictor_dtype, not args.no_whole_copy))
+                                       args.storage, args.predictor_dtype, not args.no_whole_copy,
+                                       args.pin_mb))
 
 
 def _run_devices(args) -> None:

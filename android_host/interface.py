@@ -155,7 +155,7 @@ def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What 
                  backend: str = "torch", sets: str | None = None, predictor: str | None = None,
                  verify: bool = False, measure_misses: bool = True, non_ffn_dtype: str = "bf16",
                  read_ahead: int = 2, storage: str | None = None, predictor_dtype: str = "fp16",
-                 whole_copy: bool = True) -> dict:
+                 whole_copy: bool = True, pin_mb: float = 0.0) -> dict:
     """sets: "predicted" (default when the layout folder holds predictor.npz, or --predictor is
     given) or "oracle" (true sets computed beside the engine; measurement only).
     verify: check every block read against its CRC (layout.block_crc; costs CPU per byte read).
@@ -168,7 +168,8 @@ def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What 
     by ours' cheapest-plan planner on its latency table (access collapse) instead of one read
     per run. predictor_dtype: how the predictor is held in DRAM ("fp16" or "int8").
     whole_copy: layers read ahead are read from the layout's whole copy when it has one
-    (`ripple pack --whole-copy`: the GGUF's own blocks, every neuron computed)."""
+    (`ripple pack --whole-copy`: the GGUF's own blocks, every neuron computed). pin_mb: DRAM
+    for whole layers of that copy, read once at start (runtime_py.read_ahead pin_bytes)."""
     if tokens < 1:
         raise ValueError(f"--tokens {tokens}: must be at least 1")
     path = model or default_model_path()
@@ -211,9 +212,13 @@ def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What 
     copy = open_whole_copy(layout.path.parent, layout.manifest.source_hash) if whole_copy and read_ahead else None
     if copy is not None and verify:
         verify_whole_copy(copy)
+    if pin_mb and copy is None:
+        raise ValueError(f"--pin-mb {pin_mb:g}: pins whole layers of a whole copy, and {layout_dir} has none "
+                         "(or --no-whole-copy / --read-ahead 0 is given); pack with --whole-copy")
     with _torch_threads(1 if backend == "tvm" else None), \
             FlashReader(layout.path, queue_depth, o_direct, checks=checks) as reader, \
-            (ReadAhead(layout, queue_depth, read_ahead, o_direct=o_direct, checks=checks, whole_copy=copy)
+            (ReadAhead(layout, queue_depth, read_ahead, o_direct=o_direct, checks=checks, whole_copy=copy,
+                       pin_bytes=int(pin_mb * (1 << 20)))
              if read_ahead else contextlib.nullcontext()) as ahead:
         gen = generate(tm, layout, reader, thresholds, meta.get("criterion", "coef"), ids, tokens, tok,
                        backend, policy, planner=planner, measure_misses=measure_misses, ahead=ahead)

@@ -107,3 +107,24 @@ def test_generate_plans_by_a_device_profile_and_holds_gguf_blocks(tmp_path, rand
                  "--storage", str(tmp_path / "nowhere.json")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no such device profile" in err[0]
+
+
+def test_generate_reads_layers_whole_from_the_copy_and_pins_what_fits(tmp_path, capsys):
+    """With a whole copy, every layer read whole comes from it (its extent's bytes a token), and
+    --pin-mb holds as many whole layers as fit in DRAM, never read again; asking to pin with
+    no copy is one line."""
+    from ripple.android_host.cli import main
+    from ripple.android_host.interface import generate_cmd, pack_cmd
+    from ripple.layout.whole_copy import open_whole_copy
+    gguf_path = default_model_path()
+    pack_cmd(str(gguf_path), str(tmp_path / "lay"), dtype="q4d8", whole_copy=True)
+    copy = open_whole_copy(tmp_path / "lay", open_layout(tmp_path / "lay").manifest.source_hash)
+    out = generate_cmd(str(tmp_path / "lay"), tokens=3, backend="tvm", non_ffn_dtype="gguf",
+                       pin_mb=2 * copy.layer_bytes / (1 << 20))
+    L = copy.n_layers
+    assert out["io"]["bytes_read_per_token"][1:] == [(L - 2) * copy.layer_bytes] * (len(out["tokens"]) - 1)
+    assert out["resident"]["ffn_cache"] == 2 * copy.layer_bytes
+    capsys.readouterr()
+    code = main(["generate", "--layout", str(tmp_path / "lay"), "--no-whole-copy", "--pin-mb", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "pack with --whole-copy" in err[0]
