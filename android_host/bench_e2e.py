@@ -572,6 +572,16 @@ def _bundle_bytes(layout_dir: str) -> int:
 
 # ---------------------------------------------------------------- report
 
+def ours_label(d: dict) -> str:
+    """How ours ran, for the plot's title and the table's header."""
+    label = f"{d.get('dtype')} at sparsity {d.get('sparsity')} ({d.get('sets')} sets)"
+    o = d.get("ours", {})
+    if o.get("whole_copy"):
+        label += (f", {o.get('layers_read_whole')} layers read whole from the GGUF's own blocks, "
+                  f"{o.get('layers_pinned')} of them pinned")
+    return label
+
+
 def plot(r: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -614,8 +624,7 @@ def plot(r: dict, path: str) -> None:
         a.tick_params(axis="x", labelsize=8, rotation=20)
     d = r.get("details", {})
     fig.suptitle(f"ripple bench e2e: {r['model']}, {r['threads']} threads, prompt {r['prompt_tokens']} tokens, "
-                 f"ours {d.get('dtype')} at sparsity {d.get('sparsity')} ({d.get('sets')} sets); "
-                 f"fio seq {r['fio'].get('seq_MBps')} MB/s", fontsize=10)
+                 f"ours {ours_label(d)}; fio seq {r['fio'].get('seq_MBps')} MB/s", fontsize=10)
     fig.tight_layout()
     tmp = f"{path}.{os.getpid()}.tmp.png"
     fig.savefig(tmp, dpi=110)
@@ -626,7 +635,7 @@ def plot(r: dict, path: str) -> None:
 def print_table(r: dict) -> None:
     d = r.get("details", {})
     print(f"{r['model']}: prompt {r['prompt_tokens']} tokens, {d.get('tokens')} timed, {r['threads']} threads; "
-          f"ours {d.get('dtype')} at sparsity {d.get('sparsity')} ({d.get('sets')} sets)")
+          f"ours {ours_label(d)}")
     f = r["fio"]
     print(f"disk: fio seq {f.get('seq_MBps')} MB/s, probe seq {f.get('probe_seq_MBps')} MB/s; " + ", ".join(
         f"{'seq' if c['sequential'] else 'rand'} {c['size'] >> 10}K qd{c['qd']} fio {c['fio_MBps']:.0f} MB/s"
