@@ -14,7 +14,7 @@ from ..layout.pack import write_layout
 from ..layout.quantization import QuantizationReport, encode_layer
 from ..layout.reader import block_checks, check_source, describe, open_layout, verify_layout
 from ..layout.whole_copy import (ffn_tensors, open_whole_copy, remove_whole_copy, verify_whole_copy,
-                                 write_whole_copy)
+                                 whole_checks, write_whole_copy)
 from ..runtime_py.engine import generate, report
 from ..runtime_py.read_ahead import ReadAhead
 from ..runtime_py.reader import FlashReader
@@ -217,7 +217,8 @@ def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What 
                          "(or --no-whole-copy / --read-ahead 0 is given); pack with --whole-copy")
     with _torch_threads(1 if backend == "tvm" else None), \
             FlashReader(layout.path, queue_depth, o_direct, checks=checks) as reader, \
-            (ReadAhead(layout, queue_depth, read_ahead, o_direct=o_direct, checks=checks, whole_copy=copy,
+            (ReadAhead(layout, queue_depth, read_ahead, o_direct=o_direct,
+                       checks=whole_checks(copy) if copy is not None and verify else checks, whole_copy=copy,
                        pin_bytes=int(pin_mb * (1 << 20)))
              if read_ahead else contextlib.nullcontext()) as ahead:
         gen = generate(tm, layout, reader, thresholds, meta.get("criterion", "coef"), ids, tokens, tok,

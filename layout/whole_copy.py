@@ -13,7 +13,8 @@ read whole from there and multiplies the blocks in place (runtime_py.whole_ffn).
 Per layer the extent holds gate, up, down in that order, each part starting on a 64-byte
 boundary (tvm-ffi takes such a buffer without a copy), the extent padded to the alignment so
 O_DIRECT reads it as one run. whole.json names the source checkpoint (its hash must be the
-manifest's), the parts and per layer the offset, bytes and a blake2b-128 checksum.
+manifest's), the parts and per layer the offset, a blake2b-128 checksum and a CRC32 per
+alignment block (layout.block_crc), so reads with `--verify` are checked as bundle reads are.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic_file import atomic_write
+from .block_crc import BlockChecks, BlockCrc, decode_table, encode_table, file_checks
 from .errors import LayoutChecksumError, LayoutError
 from .header import align_up
 
@@ -54,6 +56,7 @@ class WholeCopy:
     offsets: np.ndarray        # int64 (n_layers,): each layer's extent in whole.rflash
     layer_bytes: int           # an extent's bytes, padded to the alignment
     checksums: tuple[str, ...]
+    block_crc32: tuple[np.ndarray, ...]    # per layer, uint32 per alignment block
 
     @property
     def n_layers(self) -> int:
@@ -108,7 +111,7 @@ def write_whole_copy(out_dir: str | os.PathLike, gguf_path: str | os.PathLike, n
                                   f"{tuple(t.shape)}, layer 0's is {part.kind} {part.shape}; a whole "
                                   f"copy needs every layer alike; pack without --whole-copy")
     out_dir = Path(out_dir)
-    offsets, sums = [], []
+    offsets, sums, crcs = [], [], []
     with atomic_write(out_dir / WHOLE_FILE) as f:
         for got in layers:
             extent = np.zeros(layer_bytes, np.uint8)
@@ -116,12 +119,15 @@ def write_whole_copy(out_dir: str | os.PathLike, gguf_path: str | os.PathLike, n
                 extent[part.at:part.at + part.nbytes] = got[part.name].raw.reshape(-1)
             offsets.append(f.tell())
             sums.append(hashlib.blake2b(extent, digest_size=16).hexdigest())
+            crc = BlockCrc(alignment)
+            crc.update(extent)
+            crcs.append(encode_table(crc.finish()))
             f.write(extent.tobytes())
     doc = {"version": _VERSION, "source_hash": source_hash, "alignment": alignment,
            "layer_bytes": layer_bytes,
            "parts": [{"name": p.name, "kind": p.kind, "shape": list(p.shape), "at": p.at, "bytes": p.nbytes}
                      for p in parts],
-           "layers": [{"offset": o, "checksum": c} for o, c in zip(offsets, sums)]}
+           "layers": [{"offset": o, "checksum": c, "block_crc32": b} for o, c, b in zip(offsets, sums, crcs)]}
     with atomic_write(out_dir / WHOLE_MANIFEST, "w") as f:
         json.dump(doc, f, indent=1)
     return open_whole_copy(out_dir, source_hash)
@@ -152,8 +158,12 @@ def open_whole_copy(layout_dir: str | os.PathLike, source_hash: str) -> WholeCop
                            int(p["bytes"])) for p in doc["parts"])
         offsets = np.array([int(x["offset"]) for x in doc["layers"]], np.int64)
         sums = tuple(str(x["checksum"]) for x in doc["layers"])
+        n_blocks = int(doc["layer_bytes"]) // int(doc["alignment"])
+        tables = tuple(decode_table(str(x["block_crc32"]), n_blocks) for x in doc["layers"])
+        if any(t is None for t in tables):
+            raise LayoutError(f"{mpath}: a block_crc32 table is not {n_blocks} CRCs; {fix}")
         copy = WholeCopy(fpath, str(doc["source_hash"]), int(doc["alignment"]), parts, offsets,
-                         int(doc["layer_bytes"]), sums)
+                         int(doc["layer_bytes"]), sums, tables)
     except LayoutError:
         raise
     except (ValueError, KeyError, TypeError, IndexError) as e:
@@ -184,3 +194,9 @@ def verify_whole_copy(copy: WholeCopy) -> None:
         raise LayoutChecksumError(f"{copy.path}: layer {bad[0][0]} at offset {bad[0][1]} does not match "
                                   f"its checksum ({len(bad)} layers differ); re-run `ripple pack --whole-copy`",
                                   bad)
+
+
+def whole_checks(copy: WholeCopy) -> BlockChecks:
+    """The copy's per-block CRCs, for FlashReader(checks=...) to check every block it reads."""
+    end = int(copy.offsets.max()) + copy.layer_bytes if copy.n_layers else 0
+    return file_checks(str(copy.path), copy.alignment, end, list(zip(copy.offsets.tolist(), copy.block_crc32)))

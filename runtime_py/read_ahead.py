@@ -61,10 +61,10 @@ class ReadAhead:
     def __init__(self, layout: Layout, queue_depth: int, depth: int = 2, layers: str = "auto",
                  whole_fraction: float = 0.9, request_bytes: int = REQUEST_BYTES, o_direct: bool = True,
                  checks=None, store=None, whole_copy: WholeCopy | None = None, pin_bytes: int = 0):
-        """o_direct, checks: as FlashReader takes them (the readers ahead read like the main one;
-        checks are the bundle regions' and do not apply to a whole copy, which is verified
-        against its checksums instead); store: the engine's BundleStore, whose pinned tails
-        whole reads of bundles skip; whole_copy, pin_bytes: see the module."""
+        """o_direct, checks: as FlashReader takes them, for the file the readers ahead read (the
+        layout's, or with a whole copy the copy's: layout.whole_copy.whole_checks); store: the
+        engine's BundleStore, whose pinned tails whole reads of bundles skip; whole_copy,
+        pin_bytes: see the module."""
         if depth < 1:
             raise ValueError(f"read-ahead depth {depth}: at least 1 layer")
         if layers not in ("auto", "all"):
@@ -82,15 +82,15 @@ class ReadAhead:
             self.region_bytes = -(-(n - self.tail) * bb // align) * align
             self.extents = [plan_reads(np.arange(n - self.tail[l]), int(layout.region_offsets[l]), bb, align,
                                        max_request_bytes=request_bytes).extents for l in range(L)]
-            path, checks_ = layout.path, checks
+            path = layout.path
         else:
             if whole_copy.n_layers != L:
                 raise ValueError(f"{whole_copy.path}: {whole_copy.n_layers} layers, the layout has {L}")
             self.store, self.tail = None, np.zeros(L, np.int64)
             self.region_bytes = np.full(L, whole_copy.layer_bytes, np.int64)
             self.extents = [_split(int(o), whole_copy.layer_bytes, request_bytes) for o in whole_copy.offsets]
-            path, checks_ = whole_copy.path, None
-        self.readers = [FlashReader(path, queue_depth, o_direct, checks=checks_)
+            path = whole_copy.path
+        self.readers = [FlashReader(path, queue_depth, o_direct, checks=checks)
                         for _ in range(self.depth + 1)]
         self.pool = ThreadPoolExecutor(1)
         self.pending: dict[int, Future] = {}

@@ -12,7 +12,7 @@ from ripple.android_host.interface import inspect_cmd, pack_cmd
 from ripple.layout.errors import LayoutChecksumError, LayoutError
 from ripple.layout.reader import open_layout
 from ripple.layout.whole_copy import (PARTS, WHOLE_FILE, WHOLE_MANIFEST, open_whole_copy,
-                                      verify_whole_copy)
+                                      verify_whole_copy, whole_checks)
 from ripple.runtime_py.engine import IOStats, ffn_backend, generate
 from ripple.runtime_py.read_ahead import ReadAhead
 from ripple.runtime_py.reader import FlashReader
@@ -132,3 +132,22 @@ def test_whole_copy_of_a_hugging_face_folder_is_one_line_and_writes_nothing(tmp_
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert code == 2 and len(err) == 1 and "--whole-copy carries a GGUF's own FFN blocks" in err[0]
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_checked_reads_of_the_copy_catch_a_flipped_block(packed, tmp_path):
+    """With the copy's per-block CRCs (what `generate --verify` hands the readers ahead), a byte
+    flipped on the disk after packing fails the read that brings it, naming its offset."""
+    import shutil
+    _, lay, desc = packed
+    bad = tmp_path / "lay"
+    shutil.copytree(lay, bad)
+    copy = open_whole_copy(bad, desc.source_hash)
+    raw = bytearray(copy.path.read_bytes())
+    at = int(copy.offsets[1]) + copy.parts[2].at + 5          # layer 1's down blocks
+    raw[at] ^= 0x01
+    copy.path.write_bytes(bytes(raw))
+    layout = open_layout(bad)
+    with ReadAhead(layout, 4, 1, "all", whole_copy=copy, checks=whole_checks(copy)) as ahead:
+        ahead.take(0)
+        with pytest.raises(LayoutChecksumError, match=rf"block at offset {at // 4096 * 4096} .*layer 1\)"):
+            ahead.take(1)
