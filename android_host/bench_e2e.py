@@ -191,9 +191,14 @@ def prepare_ours(path: Path, desc, cdir: Path, dtype: str, sparsity: float | Non
         whole = True
     except LayoutError:
         whole = False
-    if whole and open_whole_copy(layout_dir, desc.source_hash) is None:
-        print(f"bench e2e: writing the GGUF's FFN blocks per layer into {layout_dir}", file=sys.stderr)
-        write_whole_copy(layout_dir, path, desc.n_layers, desc.source_hash)
+    if whole:
+        try:
+            fresh = open_whole_copy(layout_dir, desc.source_hash) is not None
+        except LayoutError:            # damaged, or written by an older ripple: it is our cache
+            fresh = False
+        if not fresh:
+            print(f"bench e2e: writing the GGUF's FFN blocks per layer into {layout_dir}", file=sys.stderr)
+            write_whole_copy(layout_dir, path, desc.n_layers, desc.source_hash)
     from ..tuning.profile import ProfileError, load_profile
     try:
         load_profile(profile).inputs("calib")
