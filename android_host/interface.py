@@ -210,8 +210,6 @@ def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What 
         ids = list(tok(prompt)["input_ids"])
     checks = block_checks(layout) if verify else None
     copy = open_whole_copy(layout.path.parent, layout.manifest.source_hash) if whole_copy and read_ahead else None
-    if copy is not None and verify:
-        verify_whole_copy(copy)
     if pin_mb and copy is None:
         raise ValueError(f"--pin-mb {pin_mb:g}: pins whole layers of a whole copy, and {layout_dir} has none "
                          "(or --no-whole-copy / --read-ahead 0 is given); pack with --whole-copy")
