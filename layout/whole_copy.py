@@ -62,6 +62,11 @@ class WholeCopy:
     def n_layers(self) -> int:
         return len(self.offsets)
 
+    @property
+    def file_bytes(self) -> int:
+        """Where the last layer's extent ends: whole.rflash holds at least this many bytes."""
+        return int(self.offsets.max()) + self.layer_bytes if self.n_layers else 0
+
     def blocks(self, raw: np.ndarray, part: Part) -> np.ndarray:
         """uint8 (rows, row bytes): a part's blocks in a layer's extent as read (a view)."""
         return raw[part.at:part.at + part.nbytes].reshape(part.shape[0], -1)
@@ -176,9 +181,9 @@ def open_whole_copy(layout_dir: str | os.PathLike, source_hash: str) -> WholeCop
         raise LayoutError(f"{mpath}: a whole copy of another checkpoint than the layout's; {fix}")
     if not fpath.is_file():
         raise LayoutError(f"{fpath}: no such file beside {mpath.name}; {fix}")
-    need = int(offsets.max()) + copy.layer_bytes if len(offsets) else 0
-    if fpath.stat().st_size < need:
-        raise LayoutError(f"{fpath}: truncated: {fpath.stat().st_size} bytes, whole.json needs {need}; {fix}")
+    if fpath.stat().st_size < copy.file_bytes:
+        raise LayoutError(f"{fpath}: truncated: {fpath.stat().st_size} bytes, whole.json needs "
+                          f"{copy.file_bytes}; {fix}")
     return copy
 
 
@@ -198,5 +203,5 @@ def verify_whole_copy(copy: WholeCopy) -> None:
 
 def whole_checks(copy: WholeCopy) -> BlockChecks:
     """The copy's per-block CRCs, for FlashReader(checks=...) to check every block it reads."""
-    end = int(copy.offsets.max()) + copy.layer_bytes if copy.n_layers else 0
-    return file_checks(str(copy.path), copy.alignment, end, list(zip(copy.offsets.tolist(), copy.block_crc32)))
+    return file_checks(str(copy.path), copy.alignment, copy.file_bytes,
+                       list(zip(copy.offsets.tolist(), copy.block_crc32)))

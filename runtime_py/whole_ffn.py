@@ -14,7 +14,9 @@ from ..layout.whole_copy import WholeCopy
 
 
 def whole_ffn(copy: WholeCopy, raw: np.ndarray, x: torch.Tensor) -> torch.Tensor:
-    """raw: a layer's extent as read (uint8, 64-byte aligned); x (T, d) -> y (T, d) float32."""
+    """raw: a layer's extent as read (uint8, 64-byte aligned); x (T, d) -> y (T, d) float32.
+    The kernels are called directly, not through a QuantizedMatrix per part: building three per
+    layer and token cost ~50 us a layer (timed on SmolLM2's shapes, 311-445 against 263-308 us)."""
     import tvm
 
     from ..compile.qgemv import qgemv_function
