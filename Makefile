@@ -45,6 +45,11 @@ sysdeps:
 	for f in $(SYSDEPS_FILES); do [ -f $$f ] || missing="$$missing $$f"; done; \
 	if [ -n "$$missing" ]; then echo "sysdeps: missing$$missing"; \
 		apt-get update && apt-get install -y --no-install-recommends $(SYSDEPS_PKGS); fi
+	@# 64 hugetlb pages (128 MiB) so fio's buffers sit on 2 MiB pages like the reader's, and
+	@# the probe compares readers, not page sizes (android_host/probe.py, fio_iomem).
+	@if [ "$$(cat /proc/sys/vm/nr_hugepages 2>/dev/null || echo 64)" -lt 64 ]; then \
+		if [ -w /proc/sys/vm/nr_hugepages ]; then echo 64 > /proc/sys/vm/nr_hugepages; \
+		else echo "sysdeps: cannot reserve hugetlb pages (not root); fio will run on 4 KiB pages"; fi; fi
 
 test: $(STAMP) sysdeps
 	$(PY) -m pytest -q tests

@@ -307,14 +307,16 @@ def read_whole(reader, request: int = 4 << 20) -> float:
     return round(size / max(time.perf_counter() - t0, 1e-9) / 1e6, 1)
 
 
-def fio_seq_MBps(path: Path) -> float | None:
+def fio_seq_MBps(path: Path) -> tuple[float | None, str | None]:
+    """fio's sequential MB/s on this disk and the buffer memory it ran with (probe.fio_iomem)."""
     import shutil
 
     from .probe import PROBE_FILE, SEQ_QD, SEQ_REQUEST, _fio, probe_file
     if shutil.which("fio") is None:
-        return None
+        return None, None
     f = path / PROBE_FILE if (path / PROBE_FILE).is_file() else probe_file(path, SEQ_FILE_BYTES)
-    return round(_fio(f, SEQ_REQUEST, SEQ_QD, 2.0, sequential=True), 1)
+    mbps, iomem = _fio(f, SEQ_REQUEST, SEQ_QD, 2.0, sequential=True)
+    return round(mbps, 1), iomem
 
 
 def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float | None = None,
@@ -372,7 +374,7 @@ def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float
     # few cells after every token, so that both see the same load (this machine's moves).
     table = InterleavedTable(cdir, engine, **(dict(sizes=QUICK["sizes"], qds=QUICK["qds"],
                                                  file_bytes=QUICK["file_bytes"]) if quick_table else {}))
-    fio_seq = fio_seq_MBps(cdir)
+    fio_seq, fio_iomem = fio_seq_MBps(cdir)
     per_token = -(-2 * len(table.cells) // tokens)
     # Real reads, token by token; the order of strategies rotates from token to token.
     readers = {}
@@ -430,7 +432,7 @@ def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float
         "dram_budget_bytes": budget_bytes, "dram_budget_fraction": budget,
         "ffn_bytes": int(L * n * bb), "bundle_bytes": bb, "layers": L, "neurons": n,
         "lower_bound_ms": min(v["lower_bound_ms"] for v in res.values()),
-        "seq_MBps": round(seq_bps / 1e6, 1), "fio_seq_MBps": fio_seq,
+        "seq_MBps": round(seq_bps / 1e6, 1), "fio_seq_MBps": fio_seq, "fio_iomem": fio_iomem,
         "reader": {"engine": reader_engine, "o_direct": True, "queue_depth": queue_depth},
         # Each flash file read whole once before the timed reads, MB/s of that pass: on a
         # virtual disk the host may cache what the guest read lately, below O_DIRECT (a 1 GB

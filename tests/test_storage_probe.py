@@ -4,7 +4,7 @@ import numpy as np
 
 from ripple.android_host import cli
 from ripple.android_host.devices import load_device
-from ripple.android_host.probe import QUICK, probe_cmd
+from ripple.android_host.probe import QUICK, fio_iomem, probe_cmd
 
 
 def test_quick_probe_writes_a_device_profile_with_a_full_table(tmp_path):
@@ -27,7 +27,20 @@ def test_quick_probe_compares_itself_with_fio_in_the_same_run(tmp_path):
         assert {(c["size"], c["qd"]) for c in checks} >= {(4096, 8), (1 << 20, 8)}
         for c in checks:
             assert c["fio_MBps"] > 0 and abs(c["ratio"] - c["probe_MBps"] / c["fio_MBps"]) < 0.01
+            assert c["fio_iomem"] in ("shmhuge", "malloc")
         assert d["details"]["fio_seq_MBps"] > 0
+        # fio on 4 KiB pages splits large requests: never left unsaid
+        small = [c for c in checks if c["fio_iomem"] == "malloc" and c["size"] > 64 << 10]
+        assert bool(small) == ("4 KiB-page buffers" in d["details"]["fio_note"])
+
+
+def test_fio_gets_huge_page_buffers_only_when_enough_are_free(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("HugePages_Free:       3\nHugepagesize:       2048 kB\n")
+    assert fio_iomem(1 << 20, 4, meminfo) == "shmhuge"       # 2 pages of buffers + 1 of slack
+    assert fio_iomem(1 << 20, 8, meminfo) == "malloc"
+    meminfo.write_text("MemTotal: 1 kB\n")              # no hugetlb support at all
+    assert fio_iomem(4096, 1, meminfo) == "malloc"
 
 
 def test_probe_of_a_missing_folder_is_one_line(tmp_path, capsys):
