@@ -582,7 +582,8 @@ def plot(r: dict, path: str) -> None:
 def print_table(r: dict) -> None:
     print(f"{r['model']} ({r['workload']}), sparsity {r['sparsity']}, {r['tokens']} tokens, QD {r['queue_depth']}, "
           f"reader {r['reader']['engine']}, DRAM budget {r['dram_budget_bytes'] / 1e6:.1f} MB; "
-          f"seq {r['seq_MBps']:.0f} MB/s (fio {r['fio_seq_MBps']}); lower bound {r['lower_bound_ms']:.2f} ms")
+          f"seq {r['seq_MBps']:.0f} MB/s (fio {r['fio_seq_MBps']}"
+          f"{', on 4 KiB-page buffers: low' if r.get('fio_iomem') == 'malloc' else ''}); lower bound {r['lower_bound_ms']:.2f} ms")
     print(f"{'strategy':>9} {'io ms':>8} {'model ms':>9} {'reads':>8} {'MB read':>8} {'MB need':>8} "
           f"{'hit':>6} {'eff MB/s':>9}")
     for k, v in r["strategies"].items():

@@ -123,12 +123,19 @@ def fio_iomem(size: int, qd: int, meminfo: str = "/proc/meminfo") -> str:
 def _fio(path: Path, size: int, qd: int, seconds: float, sequential: bool = False) -> tuple[float, str]:
     """fio's MB/s (1e6) for the same file, request size and queue depth (libaio, O_DIRECT),
     and the buffer memory it ran with (fio_iomem)."""
-    iomem = fio_iomem(size, qd)
+    return _fio_run(path, size, qd, seconds, sequential, fio_iomem(size, qd))
+
+
+def _fio_run(path: Path, size: int, qd: int, seconds: float, sequential: bool, iomem: str) -> tuple[float, str]:
     cmd = ["fio", "--name=ripple-probe", f"--filename={path}", f"--rw={'read' if sequential else 'randread'}",
            f"--bs={size}", "--direct=1", "--ioengine=libaio", f"--iodepth={qd}", f"--iomem={iomem}",
            f"--size={path.stat().st_size}", f"--runtime={max(1, round(seconds * 1000))}ms", "--time_based",
            "--output-format=json", "--norandommap", "--randrepeat=0"]
     out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0 and iomem != "malloc":
+        # hugetlb shm can be refused to this user (vm.hugetlb_shm_group): the caller's note
+        # then says fio ran on 4 KiB pages.
+        return _fio_run(path, size, qd, seconds, sequential, "malloc")
     if out.returncode != 0:
         raise ProbeError(f"fio failed on {path}: {out.stderr.strip().splitlines()[-1:]}")
     job = json.loads(out.stdout)["jobs"][0]

@@ -1,8 +1,9 @@
+import os
 import shutil
 
 import numpy as np
 
-from ripple.android_host import cli
+from ripple.android_host import cli, probe
 from ripple.android_host.devices import load_device
 from ripple.android_host.probe import QUICK, fio_iomem, probe_cmd
 
@@ -54,3 +55,16 @@ def test_probe_out_into_a_missing_folder_writes_nothing(tmp_path, capsys):
                      "--out", str(tmp_path / "no" / "d.json")])
     assert code == 2 and not (tmp_path / "no").exists()
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_fio_refused_huge_pages_runs_on_small_ones_and_says_so(tmp_path, monkeypatch):
+    # A stand-in fio that refuses hugetlb shm, as for a user outside vm.hugetlb_shm_group.
+    fake = tmp_path / "fio"
+    fake.write_text('#!/bin/sh\ncase "$*" in *--iomem=shmhuge*) echo "fio: shmget failed" >&2; exit 1;; esac\n'
+                    'echo \'{"jobs": [{"job_runtime": 300, "read": {"bw_bytes": 5000000}}]}\'\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(probe, "fio_iomem", lambda size, qd: "shmhuge")
+    data = tmp_path / "f.bin"
+    data.write_bytes(b"\0" * 8192)
+    assert probe._fio(data, 4096, 1, 0.3) == (5.0, "malloc")
