@@ -201,7 +201,9 @@ def probe_storage(path: str | os.PathLike = ".", quick: bool = False, engine: st
                     fio_seq = t
                 checks.append({"size": size, "qd": q, "sequential": sequential,
                                "probe_MBps": round(o, 1), "fio_MBps": round(t, 1),
-                               "ratio": round(o / t, 3), "fio_iomem": iomem})
+                               "ratio": round(o / t, 3), "fio_iomem": iomem,
+                               # this disk moves within seconds: the spread says how much
+                               "round_ratios": [round(a / b, 3) for a, b in zip(ours, theirs)]})
             small = [f"{c['size'] >> 10}K qd{c['qd']}" for c in checks
                      if c["fio_iomem"] == "malloc" and c["size"] > 64 * KiB]
             if small:
@@ -250,7 +252,8 @@ def print_probe(d: dict) -> None:
     for c in det["fio"]:
         kind = "seq" if c["sequential"] else "rand"
         print(f"fio check {kind} {c['size'] >> 10}K qd{c['qd']}: probe {c['probe_MBps']:.0f} MB/s, "
-              f"fio {c['fio_MBps']:.0f} MB/s ({c.get('fio_iomem', 'malloc')}), ratio {c['ratio']:.2f}")
+              f"fio {c['fio_MBps']:.0f} MB/s ({c.get('fio_iomem', 'malloc')}), ratio {c['ratio']:.2f}"
+              + (f" (rounds {min(c['round_ratios']):.2f}-{max(c['round_ratios']):.2f})" if c.get("round_ratios") else ""))
     if det["fio_note"]:
         print(det["fio_note"])
 

@@ -29,6 +29,7 @@ def test_quick_probe_compares_itself_with_fio_in_the_same_run(tmp_path):
         for c in checks:
             assert c["fio_MBps"] > 0 and abs(c["ratio"] - c["probe_MBps"] / c["fio_MBps"]) < 0.01
             assert c["fio_iomem"] in ("shmhuge", "malloc")
+            assert len(c["round_ratios"]) == QUICK["rounds"] and min(c["round_ratios"]) > 0
         assert d["details"]["fio_seq_MBps"] > 0
         # fio on 4 KiB pages splits large requests: never left unsaid
         small = [c for c in checks if c["fio_iomem"] == "malloc" and c["size"] > 64 << 10]
