@@ -59,6 +59,9 @@ def register(bench_sub) -> None:
     p.add_argument("--profile", help="activation profile (.npz) to use instead of profiling")
     p.add_argument("--tokens", type=int, default=64, help="held-out tokens measured (default 64)")
     p.add_argument("--warmup", type=int, default=16, help="held-out tokens that only warm caches (default 16)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time the same reads this many times, strategies in turn (default 1); the JSON "
+                        "gives each round's figures and ratios beside the mean: this host drifts")
     p.add_argument("--queue-depth", type=int, default=32)
     p.add_argument("--budget", type=float, default=0.10, help="DRAM budget as a fraction of FFN bytes (default 0.10)")
     p.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES))
@@ -86,7 +89,7 @@ def _run(args) -> None:
                      tokens=args.tokens, warmup=args.warmup, queue_depth=args.queue_depth, budget=args.budget,
                      strategies=args.strategies, devices=args.device, host_profile=args.host_profile,
                      cache_dir=args.cache_dir, engine=args.engine, json_out=args.json,
-                     sets=args.sets, predictor=args.predictor)
+                     sets=args.sets, predictor=args.predictor, rounds=args.rounds)
     print_table(r)
 
 
@@ -323,7 +326,8 @@ def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float
                  profile: str | None = None, tokens: int = 64, warmup: int = 16, queue_depth: int = 32,
                  budget: float = 0.10, strategies=DEFAULT_STRATEGIES, devices=(), host_profile: str | None = None,
                  cache_dir: str = "build/cache/io", engine: str = "auto", json_out: str | None = None,
-                 sets: str = "oracle", predictor: str | None = None, quick_table: bool = False) -> dict:
+                 sets: str = "oracle", predictor: str | None = None, quick_table: bool = False,
+                 rounds: int = 1) -> dict:
     """quick_table: check the model with the probe's quick table (3 sizes x 2 depths, 64 MiB
     file) instead of the full one; for tests."""
     import numpy as np
@@ -337,8 +341,8 @@ def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float
 
     if workload not in WORKLOADS:
         raise BenchError(f"--workload {workload!r}: choose one of {', '.join(WORKLOADS)}")
-    if tokens < 1 or warmup < 0 or queue_depth < 1:
-        raise BenchError("--tokens and --queue-depth must be at least 1, --warmup at least 0")
+    if tokens < 1 or warmup < 0 or queue_depth < 1 or rounds < 1:
+        raise BenchError("--tokens, --queue-depth and --rounds must be at least 1, --warmup at least 0")
     if not 0.0 <= budget < 1.0:
         raise BenchError(f"--budget {budget}: a fraction of FFN bytes in [0, 1)")
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
@@ -375,7 +379,7 @@ def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float
     table = InterleavedTable(cdir, engine, **(dict(sizes=QUICK["sizes"], qds=QUICK["qds"],
                                                  file_bytes=QUICK["file_bytes"]) if quick_table else {}))
     fio_seq, fio_iomem = fio_seq_MBps(cdir)
-    per_token = -(-2 * len(table.cells) // tokens)
+    per_token = -(-2 * len(table.cells) // (tokens * rounds))
     # Real reads, token by token; the order of strategies rotates from token to token.
     readers = {}
     try:
@@ -387,12 +391,13 @@ def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float
                     raise BenchError(f"{p}: O_DIRECT refused ({readers[p].fallback_reason}); put "
                                      "--cache-dir on a real disk")
         warm = {p: read_whole(r) for p, r in readers.items()}
-        ms = {s.name: np.zeros(tokens) for s in strats}
-        for t in tqdm(range(tokens), desc="bench io: reads", unit="token", file=sys.stderr):
+        ms = {s.name: np.zeros((rounds, tokens)) for s in strats}
+        for i in tqdm(range(rounds * tokens), desc="bench io: reads", unit="token", file=sys.stderr):
+            rd, t = divmod(i, tokens)
             for k in range(len(strats)):
-                s = strats[(t + k) % len(strats)]
+                s = strats[(t + k + rd) % len(strats)]
                 r = readers[str(layouts[s.name].path)]
-                ms[s.name][t] = sum(r.read(e).seconds for e in traces[s.name].extents(t)) * 1e3
+                ms[s.name][rd, t] = sum(r.read(e).seconds for e in traces[s.name].extents(t)) * 1e3
             table.step(per_token)
         check = table.profile()
         reader_engine = next(iter(readers.values())).engine
@@ -408,10 +413,11 @@ def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float
         needed = tr.active.sum(1) * bb
         missed = (tr.active - tr.hits).sum(1) * bb
         modelled = sm.replay(check, [tr.extents(t) for t in range(tokens)], queue_depth) * 1e3
-        m = ms[s.name]
+        m = ms[s.name].mean(0)          # per token, over the rounds
         res[s.name] = {
             "per_token_io_ms": round(float(m.mean()), 3),
-            "per_token_io_ms_median": round(float(np.median(m)), 3),
+            "per_token_io_ms_median": round(float(np.median(ms[s.name])), 3),
+            "per_round_io_ms": [round(float(x), 3) for x in ms[s.name].mean(1)],
             "effective_bw_MBps": round(float(needed.sum() / (m.sum() / 1e3) / 1e6), 1),
             "reads_per_token": round(float(tr.reads().mean()), 1),
             "bytes_read_per_token": int(tr.bytes_read().mean()),
@@ -445,7 +451,12 @@ def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float
         "strategies": res,
         "workload_meta": wl.meta,
     }
+    out["rounds"] = rounds
     out["ratios"] = ratios(res, out["lower_bound_ms"])
+    if rounds > 1:
+        out["ratios"]["per_round"] = [
+            ratios({k: {"per_token_io_ms": v["per_round_io_ms"][i]} for k, v in res.items()}, out["lower_bound_ms"])
+            for i in range(rounds)]
     if sets == "predicted":
         extra_bytes_read(res, strats, layouts, wl, true_sets[:, :warmup + tokens], budget_bytes, storage,
                          queue_depth, warmup)
@@ -566,6 +577,11 @@ def plot(r: dict, path: str) -> None:
         if measured:
             ax.scatter(names, [st[k]["modelled_per_token_io_ms"] for k in names], marker="_", s=600,
                        color="k", label="storage model", zorder=3)
+            if r.get("rounds", 1) > 1:      # the rounds' spread: how far this host drifted
+                lo = [v - min(st[k]["per_round_io_ms"]) for k, v in zip(names, vals)]
+                hi = [max(st[k]["per_round_io_ms"]) - v for k, v in zip(names, vals)]
+                ax.errorbar(names, vals, yerr=[lo, hi], fmt="none", ecolor="k", capsize=4, lw=1,
+                            label=f"{r['rounds']} rounds: min-max")
         ax.axhline(lb, ls="--", color="k", lw=1, label=f"lower bound {lb:.1f} ms")
         for b, v in zip(bars, vals):
             ax.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)

@@ -89,6 +89,35 @@ def test_more_tokens_than_profiled_is_one_line_and_no_json(tiny, capsys):
     assert not out.exists()
 
 
+def test_rounds_time_the_same_reads_again_and_report_each_round(tiny):
+    model, prof, d = tiny
+    r = bench_io_cmd(model=str(model), profile=str(prof), tokens=4, warmup=2, queue_depth=8, rounds=3,
+                     host_profile="pixel8-ufs31", cache_dir=str(d / "cache"), quick_table=True,
+                     json_out=str(d / "rounds.json"))
+    assert r["rounds"] == 3 and len(r["ratios"]["per_round"]) == 3
+    assert (d / "rounds.png").stat().st_size > 0 and json.loads((d / "rounds.json").read_text())["rounds"] == 3
+    for v in r["strategies"].values():
+        rounds = v["per_round_io_ms"]
+        assert len(rounds) == 3 and min(rounds) > 0
+        assert v["per_token_io_ms"] == pytest.approx(np.mean(rounds), rel=1e-2, abs=2e-3)
+        assert len(v["per_token_ms"]) == 4
+    for i, rr in enumerate(r["ratios"]["per_round"]):
+        s = r["strategies"]
+        best = rr["best_baseline"]
+        assert rr["best_baseline_over_ours"] == pytest.approx(
+            s[best]["per_round_io_ms"][i] / s["ours"]["per_round_io_ms"][i], rel=2e-3, abs=2e-3)
+
+
+def test_zero_rounds_is_one_line_and_no_json(tiny, capsys):
+    model, prof, d = tiny
+    out = d / "bad-rounds.json"
+    code = cli.main(["bench", "io", "--model", str(model), "--profile", str(prof), "--rounds", "0",
+                     "--host-profile", "pixel8-ufs31", "--cache-dir", str(d / "cache"), "--json", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--rounds" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_unknown_strategy_is_refused_before_any_work(tiny):
     model, prof, d = tiny
     with pytest.raises(StrategyError, match="dense"):
