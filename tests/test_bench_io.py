@@ -79,13 +79,14 @@ def test_flash_files_are_reused_across_runs(result, tiny):
     assert [p.stat().st_mtime_ns for p in layouts] == before
 
 
-def test_more_tokens_than_profiled_is_one_line_and_no_json(tiny, capsys):
+@pytest.mark.parametrize("flags, says", [(["--tokens", "500"], "held-out tokens"), (["--rounds", "0"], "--rounds")])
+def test_bad_counts_are_one_line_and_no_json(tiny, capsys, flags, says):
     model, prof, d = tiny
     out = d / "bad.json"
-    code = cli.main(["bench", "io", "--model", str(model), "--profile", str(prof), "--tokens", "500",
+    code = cli.main(["bench", "io", "--model", str(model), "--profile", str(prof), *flags,
                      "--host-profile", "pixel8-ufs31", "--cache-dir", str(d / "cache"), "--json", str(out)])
     err = capsys.readouterr().err
-    assert code == 2 and "held-out tokens" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
 
 
@@ -106,16 +107,6 @@ def test_rounds_time_the_same_reads_again_and_report_each_round(tiny):
         best = rr["best_baseline"]
         assert rr["best_baseline_over_ours"] == pytest.approx(
             s[best]["per_round_io_ms"][i] / s["ours"]["per_round_io_ms"][i], rel=2e-3, abs=2e-3)
-
-
-def test_zero_rounds_is_one_line_and_no_json(tiny, capsys):
-    model, prof, d = tiny
-    out = d / "bad-rounds.json"
-    code = cli.main(["bench", "io", "--model", str(model), "--profile", str(prof), "--rounds", "0",
-                     "--host-profile", "pixel8-ufs31", "--cache-dir", str(d / "cache"), "--json", str(out)])
-    err = capsys.readouterr().err
-    assert code == 2 and "--rounds" in err and len(err.strip().splitlines()) == 1
-    assert not out.exists()
 
 
 def test_unknown_strategy_is_refused_before_any_work(tiny):
