@@ -88,7 +88,9 @@ class ReadAhead:
                 raise ValueError(f"{whole_copy.path}: {whole_copy.n_layers} layers, the layout has {L}")
             self.store, self.tail = None, np.zeros(L, np.int64)
             self.region_bytes = np.full(L, whole_copy.layer_bytes, np.int64)
-            self.extents = [_split(int(o), whole_copy.layer_bytes, request_bytes) for o in whole_copy.offsets]
+            # One "bundle" of a layer's whole extent: the planner cuts it into requests as above.
+            self.extents = [plan_reads(np.arange(1), int(o), whole_copy.layer_bytes, whole_copy.alignment,
+                                       max_request_bytes=request_bytes).extents for o in whole_copy.offsets]
             path = whole_copy.path
         self.readers = [FlashReader(path, queue_depth, o_direct, checks=checks)
                         for _ in range(self.depth + 1)]
@@ -186,8 +188,3 @@ class ReadAhead:
     def __exit__(self, *exc):
         self.close()
 
-
-def _split(offset: int, nbytes: int, request_bytes: int) -> np.ndarray:
-    """(k, 2) extents covering [offset, offset + nbytes) in requests of at most request_bytes."""
-    starts = np.arange(0, nbytes, request_bytes, dtype=np.int64)
-    return np.stack([offset + starts, np.minimum(request_bytes, nbytes - starts)], 1)
