@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 # GGUF's own FFN blocks per layer beside them for layers read whole, train the activation
 # predictor, measure this disk's latency table, then generate with the FFN read from flash
 # through the compiled kernels, nothing of it held in DRAM.
-demo: $(STAMP)
+demo: $(STAMP) sysdeps
 	mkdir -p $(DEMO)
 	.venv/bin/ripple profile --record-inputs --out $(DEMO)/profile.npz --json $(DEMO)/profile.json
 	.venv/bin/ripple place --profile $(DEMO)/profile.npz --out $(DEMO)/placement.npz
