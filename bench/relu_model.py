@@ -14,6 +14,14 @@ Neuron Phenomenon") shows within minutes: the issue's check on a 2-core machine 
 tokens/s with bf16 autocast) saw layers past the first at ~10% active neurons after 10 minutes
 and 6-13% after 35. The FFN is 4x the width, as in OPT. Training checkpoints every 100 steps
 and resumes where it stopped, with the same result as one uninterrupted run.
+
+CPUs differ by 100x in what this costs. bf16 autocast is timed against fp32 on a copy of the
+model before training (`--autocast auto`): where the CPU has no bf16 instructions torch emulates
+them (an AVX2-only AMD EPYC ran 64 tokens/s against 1,600 for fp32). And where the schedule
+would not fit the time budget (`--minutes`, default 30 for the whole run), the first steps are
+timed and the run trains the most whole hundreds of steps that fit, with the cosine decay
+fitted to them; the log records the steps and the autocast, so a run is reproducible for the
+same settings, steps and autocast.
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +78,11 @@ class Schedule:
 
 class TrainError(ValueError):
     """Settings that cannot train a model; the message names the fix."""
+
+
+AUTOCASTS = ("auto", "bf16", "fp32")
+STEP_UNIT = 100        # a budget cuts the schedule to whole hundreds of steps: few distinct models
+TIMED_STEPS = (2, 12)  # the steps (inside the warmup, which the total does not change) timed for the budget
 
 
 # ---------------------------------------------------------------- text and tokenizer
@@ -126,13 +139,57 @@ def lr_at(step: int, s: Schedule) -> float:
     return s.lr * (s.min_lr_frac + (1 - s.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-def train_model(model, stream: np.ndarray, shape: Shape, s: Schedule, checkpoint: Path,
-                checkpoint_every: int = 100) -> dict:
-    """AdamW on random whole windows of the stream (a fresh permutation each epoch), bf16 autocast.
+def fitted_steps(requested: int, sec_per_step: float, seconds_left: float, least: int) -> int:
+    """The schedule's steps if they fit `seconds_left`, else the most whole STEP_UNITs that do,
+    but never fewer than `least` (a run shorter than that trains nothing worth measuring)."""
+    if requested * sec_per_step <= seconds_left:
+        return requested
+    fit = int(seconds_left / sec_per_step) // STEP_UNIT * STEP_UNIT
+    return min(requested, max(least, fit))
 
-    Every `checkpoint_every` steps the whole state (weights, optimizer, data order, generator)
-    goes to `checkpoint`, and a run that finds one continues from it: on a shared machine the
-    training can be stopped and resumed with the same result as one uninterrupted run."""
+
+def _autocast(name: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16")
+
+
+def choose_autocast(model, x: torch.Tensor) -> tuple[str, dict]:
+    """bf16 autocast if this CPU runs a training step clearly faster with it than in fp32,
+    timed on a copy of the model (forward and backward of one small batch, best of two after
+    a first one). Without bf16 instructions it is emulated and ~100x slower: one step is then
+    enough to tell."""
+    import copy
+    trial = copy.deepcopy(model).train()
+    best = {}
+    for name in ("fp32", "bf16"):
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            with _autocast(name):
+                loss = trial(input_ids=x, labels=x).loss
+            loss.backward()
+            trial.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t)
+            if name == "bf16" and times[0] > 20 * best["fp32"]:
+                break
+        best[name] = min(times[1:] or times)
+    return ("bf16" if best["bf16"] < 0.8 * best["fp32"] else "fp32"), \
+        {k: round(v, 4) for k, v in best.items()}
+
+
+def train_model(model, stream: np.ndarray, shape: Shape, s: Schedule, checkpoint: Path,
+                checkpoint_every: int = 100, autocast: str = "auto", deadline: float | None = None,
+                reserve_s: float = 0.0) -> dict:
+    """AdamW on random whole windows of the stream (a fresh permutation each epoch), under the
+    autocast `choose_autocast` picks (or the one given).
+
+    With a `deadline` (a time.perf_counter() value), steps TIMED_STEPS are timed and the
+    schedule shortened to what fits before it, `reserve_s` kept for the work after training.
+    Every `checkpoint_every` steps the whole state (weights, optimizer, data order, generator,
+    autocast and steps) goes to `checkpoint`, and a run that finds one continues from it: on a
+    shared machine the training can be stopped and resumed with the same result as one
+    uninterrupted run."""
+    if autocast not in AUTOCASTS:
+        raise TrainError(f"autocast {autocast!r}: use one of {', '.join(AUTOCASTS)}")
     n_windows = len(stream) // shape.seq_len
     if n_windows < s.batch:
         raise TrainError(f"only {len(stream)} training tokens, fewer than one batch of "
@@ -151,42 +208,70 @@ def train_model(model, stream: np.ndarray, shape: Shape, s: Schedule, checkpoint
         opt.load_state_dict(saved["opt"])
         rng.bit_generator.state = saved["rng"]
         state = saved["state"]
-        print(f"resuming from step {state['step']} of {s.steps} ({checkpoint})", file=sys.stderr)
+        print(f"resuming from step {state['step']} of {state.get('steps', s.steps)} ({checkpoint})",
+              file=sys.stderr)
+    if "autocast" not in state:
+        trial = torch.from_numpy(windows[:2].astype(np.int64))
+        state["autocast"], state["autocast_trial_s"] = (choose_autocast(model, trial) if autocast == "auto"
+                                                        else (autocast, {}))
+        print(f"autocast: {state['autocast']} (one step on a batch of 2, seconds: "
+              f"{state['autocast_trial_s'] or 'not timed, as asked'})", file=sys.stderr)
+    state.setdefault("steps", s.steps)
+    state.setdefault("fitted", deadline is None)
     model.train()
     t0 = time.perf_counter() - state["seconds"]
     run_t0, first = time.perf_counter(), state["step"]
-    bar = tqdm(range(state["step"], s.steps), desc="training relu-tiny", unit="step",
-               initial=state["step"], total=s.steps)
-    for step in bar:
+    timed_from = None
+    bar = tqdm(total=state["steps"], initial=state["step"], desc="training relu-tiny", unit="step")
+    step = state["step"]
+    while step < state["steps"]:
         if state["pos"] + s.batch > n_windows:
             state["order"], state["pos"] = rng.permutation(n_windows), 0
         x = torch.from_numpy(windows[state["order"][state["pos"]:state["pos"] + s.batch]].astype(np.int64))
         state["pos"] += s.batch
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, s)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+            g["lr"] = lr_at(step, replace(s, steps=state["steps"]))
+        with _autocast(state["autocast"]):
             loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
-        if step % 25 == 0 or step == s.steps - 1:
+        if step == first + TIMED_STEPS[0]:
+            timed_from = time.perf_counter()
+        # Fitting changes the cosine decay only: it is done inside the warmup, before it starts.
+        if not state["fitted"] and timed_from is not None and step == first + TIMED_STEPS[1] \
+                and step < s.warmup:
+            per_step = (time.perf_counter() - timed_from) / (TIMED_STEPS[1] - TIMED_STEPS[0])
+            steps = fitted_steps(s.steps, per_step, deadline - time.perf_counter() - reserve_s
+                                 + (step + 1) * per_step, least=min(s.steps, 2 * s.warmup))
+            if steps < s.steps:
+                print(f"\n{s.steps} steps take ~{s.steps * per_step / 60:.0f} min on this CPU "
+                      f"({per_step:.2f} s a step with {state['autocast']}); training {steps}, what the "
+                      f"time budget fits", file=sys.stderr)
+                bar.total = steps
+            state.update(steps=steps, fitted=True, seconds_per_step=round(per_step, 4))
+        if step % 25 == 0 or step == state["steps"] - 1:
             state["curve"].append({"step": step, "loss": round(loss.item(), 4), "seconds": round(elapsed, 1)})
             rate = (step + 1 - first) * s.batch * shape.seq_len / (time.perf_counter() - run_t0)
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}")
-        if (step + 1) % checkpoint_every == 0 and step + 1 < s.steps:
-            state.update(step=step + 1, seconds=elapsed)
+        bar.update()
+        step += 1
+        if step % checkpoint_every == 0 and step < state["steps"]:
+            state.update(step=step, seconds=elapsed)
             tmp = checkpoint.with_name(checkpoint.name + ".tmp")
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                         "rng": rng.bit_generator.state, "state": state}, tmp)
             os.replace(tmp, checkpoint)
+    bar.close()
     model.eval()
     seconds = time.perf_counter() - t0
-    tokens = s.steps * s.batch * shape.seq_len
+    tokens = state["steps"] * s.batch * shape.seq_len
     return {"seconds": round(seconds, 1), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
             "epochs": round(tokens / (n_windows * shape.seq_len), 3), "train_tokens": int(len(stream)),
-            "loss_curve": state["curve"]}
+            "steps": state["steps"], "steps_requested": s.steps, "autocast": state["autocast"],
+            "autocast_trial_s": state["autocast_trial_s"], "loss_curve": state["curve"]}
 
 
 @torch.no_grad()
@@ -211,9 +296,11 @@ def settings(shape: Shape, schedule: Schedule) -> dict:
 
 
 def build(out: Path, shape: Shape = Shape(), schedule: Schedule = Schedule(), threads: int = 2,
-          force: bool = False, report_tokens: int = 16384, checkpoint_every: int = 100) -> tuple[Path, bool]:
-    """Train into `out` unless a folder trained with the same settings is there.
-    Returns (folder, reused). The folder appears whole or not at all: it is built in a
+          force: bool = False, report_tokens: int = 16384, checkpoint_every: int = 100,
+          autocast: str = "auto", minutes: float | None = None) -> tuple[Path, bool]:
+    """Train into `out` unless a folder trained with the same settings is there (whatever
+    steps and autocast its run took). `minutes`: the whole run's time budget, which may cut the
+    schedule's steps (train_model). Returns (folder, reused). The folder appears whole or not at all: it is built in a
     `.NAME.partial` folder beside it (which also holds the checkpoint to resume from) and renamed."""
     out = Path(out)
     wanted = settings(shape, schedule)
@@ -223,6 +310,10 @@ def build(out: Path, shape: Shape = Shape(), schedule: Schedule = Schedule(), th
             raise TrainError(f"{out}: trained with other settings ({done.get('settings')}); pass "
                              f"--force to train again, or --out for another folder")
         return out, True
+    if autocast not in AUTOCASTS:
+        raise TrainError(f"--autocast {autocast}: use one of {', '.join(AUTOCASTS)}")
+    if minutes is not None and not minutes > 0:
+        raise TrainError(f"--minutes {minutes}: give a positive time budget, or 0 for none")
     if shape.d_model % shape.n_heads:
         raise TrainError(f"d_model {shape.d_model} is not a multiple of n_heads {shape.n_heads}")
     if not 260 <= shape.vocab <= 65536:        # 256 bytes + 3 special tokens; ids are kept as uint16
@@ -253,8 +344,9 @@ def build(out: Path, shape: Shape = Shape(), schedule: Schedule = Schedule(), th
                     shutil.rmtree(f) if f.is_dir() else f.unlink()
             (work / "settings.json").write_text(json.dumps(wanted))
         t_start = time.perf_counter()
+        deadline = None if minutes is None else t_start + 60 * minutes
         _train_into(work, texts, root, dict(split, train=train_files), len(files), shape, schedule,
-                    threads, report_tokens, checkpoint_every)
+                    threads, report_tokens, checkpoint_every, autocast, deadline)
         for f in ("lock", "settings.json", "checkpoint.pt", "tokenizer.partial.json"):
             (work / f).unlink(missing_ok=True)
         log = json.loads((work / TRAINING_LOG).read_text())
@@ -269,7 +361,8 @@ def build(out: Path, shape: Shape = Shape(), schedule: Schedule = Schedule(), th
 
 
 def _train_into(work: Path, texts: list[str], root: Path, split: dict, files_total: int, shape: Shape,
-                schedule: Schedule, threads: int, report_tokens: int, checkpoint_every: int) -> None:
+                schedule: Schedule, threads: int, report_tokens: int, checkpoint_every: int,
+                autocast: str, deadline: float | None) -> None:
     from tokenizers import Tokenizer
     from transformers import OPTForCausalLM
 
@@ -285,7 +378,11 @@ def _train_into(work: Path, texts: list[str], root: Path, split: dict, files_tot
     torch.manual_seed(schedule.seed)
     model = OPTForCausalLM(opt_config(shape, tok))
     n_params = sum(p.numel() for p in model.parameters())
-    log = train_model(model, stream, shape, schedule, work / "checkpoint.pt", checkpoint_every)
+    # Kept for what follows training (saving, held-out loss, forward check, density table):
+    # forward passes only, well under a minute at the default shape.
+    reserve_s = 90.0
+    log = train_model(model, stream, shape, schedule, work / "checkpoint.pt", checkpoint_every,
+                      autocast, deadline, reserve_s)
     model.save_pretrained(str(work))
     hf_tokenizer(tok, shape).save_pretrained(str(work))
     record = relu_tiny.write_text_split(work, root, split, {
@@ -300,7 +397,7 @@ def _train_into(work: Path, texts: list[str], root: Path, split: dict, files_tot
                tokenizer_seconds=round(tokenizer_s, 1), heldout_loss=round(loss, 4),
                heldout_ppl=round(math.exp(loss), 3), heldout_eval_tokens=int(sum(map(len, held))),
                forward_max_abs_diff=forward_check(work, held[0]),
-               torch=torch.__version__, autocast="bf16",
+               torch=torch.__version__,
                text={k: len(v) for k, v in split.items()}, label=record["label"])
     (work / TRAINING_LOG).write_text(json.dumps(log, indent=1))
     write_density(work, density_report(work, report_tokens, shape.seq_len))
@@ -381,9 +478,12 @@ def print_density(report: dict) -> None:
 
 def print_training(folder: Path) -> None:
     log = json.loads((folder / TRAINING_LOG).read_text())
+    steps = log.get("steps")
+    cut = f", {steps} of {log['steps_requested']} steps: the time budget" \
+        if steps and steps < log["steps_requested"] else ""
     print(f"trained {log['params'] / 1e6:.1f}M parameters on {log['tokens'] / 1e6:.1f}M tokens "
-          f"({log['epochs']} epochs) in {log['seconds'] / 60:.1f} min ({log['tokens_per_s']:,.0f} tokens/s, "
-          f"{log['threads']} threads); held-out loss {log['heldout_loss']} (ppl {log['heldout_ppl']}); "
+          f"({log['epochs']} epochs{cut}) in {log['seconds'] / 60:.1f} min ({log['tokens_per_s']:,.0f} tokens/s, "
+          f"{log['threads']} threads, {log.get('autocast', 'bf16')} autocast); held-out loss {log['heldout_loss']} (ppl {log['heldout_ppl']}); "
           f"our forward vs transformers: max |logit diff| {log['forward_max_abs_diff']:.2e}")
 
 
@@ -397,6 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="train again even if the folder exists")
     ap.add_argument("--report-tokens", type=int, default=16384, help="held-out tokens for the density table")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--autocast", choices=AUTOCASTS, default="auto",
+                    help="auto (default): bf16 where this CPU runs it clearly faster than fp32, timed first")
+    ap.add_argument("--minutes", type=float, default=30.0,
+                    help="time budget of the whole run (default 30; 0: none): past it the schedule "
+                         "is cut to the whole hundreds of steps that fit")
     for name, default in asdict(d_shape).items():
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     for name, default in asdict(d_sched).items():
@@ -413,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shape = Shape(**{k: getattr(args, k) for k in asdict(d_shape)})
             sched = Schedule(**{k: getattr(args, k) for k in asdict(d_sched)})
-            folder, reused = build(out, shape, sched, args.threads, args.force, args.report_tokens)
+            folder, reused = build(out, shape, sched, args.threads, args.force, args.report_tokens,
+                                   autocast=args.autocast, minutes=args.minutes or None)
             if reused:
                 print(f"reusing {folder} (already trained with these settings; --force trains again)")
             report = json.loads((folder / DENSITY_JSON).read_text())

@@ -7,6 +7,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,8 +31,10 @@ TINY_SCHEDULE = relu_model.Schedule(steps=4, batch=2, warmup=2, train_bytes=60_0
 
 
 def build_tiny(out: Path, **kw):
+    # fp32 named: on a tiny model bf16 and fp32 time alike, and a choice that flipped between
+    # two builds would make them differ.
     return relu_model.build(out, TINY_SHAPE, kw.pop("schedule", TINY_SCHEDULE), threads=1,
-                            report_tokens=256, **kw)
+                            report_tokens=256, autocast=kw.pop("autocast", "fp32"), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +123,56 @@ def test_interrupted_training_resumes_to_the_same_model(tiny_folder, tmp_path, m
     a, b = load_file(tiny_folder / "model.safetensors"), load_file(folder / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / ".resumed.partial").exists()
+
+
+def test_fitted_steps_cut_to_whole_hundreds_within_the_budget():
+    fit = relu_model.fitted_steps
+    assert fit(2600, 0.5, 1400.0, least=300) == 2600            # 1,300 s: fits as asked
+    assert fit(2600, 2.68, 1600.0, least=300) == 500            # 597 steps fit: 500
+    assert fit(2600, 2.68, 100.0, least=300) == 300             # never fewer than `least`
+    assert fit(200, 10.0, 100.0, least=300) == 200              # nor more than asked
+
+
+def test_a_budget_cut_run_is_the_run_of_the_cut_schedule(tiny_folder, tmp_path):
+    """Steps are cut inside the warmup, whose learning rates do not depend on the total, so a
+    run cut by its budget trains the same model as one asked for that many steps."""
+    long = relu_model.Schedule(steps=400, batch=2, warmup=20, train_bytes=60_000)
+    cut, _ = build_tiny(tmp_path / "cut", schedule=long, minutes=1e-4)
+    log = json.loads((cut / relu_model.TRAINING_LOG).read_text())
+    assert (log["steps"], log["steps_requested"], log["autocast"]) == (40, 400, "fp32")
+    asked, _ = build_tiny(tmp_path / "asked", schedule=relu_model.Schedule(
+        steps=40, batch=2, warmup=20, train_bytes=60_000))
+    a, b = load_file(cut / "model.safetensors"), load_file(asked / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_autocast_trial_leaves_the_model_untouched_and_picks_by_time(monkeypatch):
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                     num_attention_heads=2, max_position_embeddings=16,
+                                     word_embed_proj_dim=16, dropout=0.0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 64, (2, 16))
+    name, times = relu_model.choose_autocast(model, x)
+    assert name in ("bf16", "fp32") and set(times) == {"bf16", "fp32"}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    # The rule: bf16 only when clearly faster.
+    clock = iter(np.cumsum([0, 1.0, 0, 1.0, 0, 1.0, 0, 0.5, 0, 0.5, 0, 0.5]))
+    monkeypatch.setattr(relu_model, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    assert relu_model.choose_autocast(model, x)[0] == "bf16"
+    clock = iter(np.cumsum([0, 1.0, 0, 1.0, 0, 1.0, 0, 0.9, 0, 0.9, 0, 0.9]))
+    assert relu_model.choose_autocast(model, x)[0] == "fp32"
+    clock = iter(np.cumsum([0, 1.0, 0, 1.0, 0, 1.0, 0, 30.0]))    # emulated: one step tells
+    assert relu_model.choose_autocast(model, x) == ("fp32", {"fp32": 1.0, "bf16": 30.0})
+
+
+def test_bad_autocast_or_budget_is_refused(tmp_path):
+    with pytest.raises(relu_model.TrainError, match="autocast"):
+        build_tiny(tmp_path / "a", autocast="fp8")
+    with pytest.raises(relu_model.TrainError, match="minutes"):
+        build_tiny(tmp_path / "b", minutes=-1)
 
 
 def test_density_report_is_written_with_every_layer(tiny_folder):
