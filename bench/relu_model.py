@@ -299,9 +299,10 @@ def build(out: Path, shape: Shape = Shape(), schedule: Schedule = Schedule(), th
           force: bool = False, report_tokens: int = 16384, checkpoint_every: int = 100,
           autocast: str = "auto", minutes: float | None = None) -> tuple[Path, bool]:
     """Train into `out` unless a folder trained with the same settings is there (whatever
-    steps and autocast its run took). `minutes`: the whole run's time budget, which may cut the
-    schedule's steps (train_model). Returns (folder, reused). The folder appears whole or not at all: it is built in a
-    `.NAME.partial` folder beside it (which also holds the checkpoint to resume from) and renamed."""
+    steps and autocast its run took). `minutes`: the whole run's time budget, which may cut
+    the schedule's steps (train_model). Returns (folder, reused). The folder appears whole or
+    not at all: it is built in a `.NAME.partial` folder beside it (which also holds the
+    checkpoint to resume from) and renamed."""
     out = Path(out)
     wanted = settings(shape, schedule)
     if (out / TRAINING_LOG).is_file() and not force:
