@@ -477,6 +477,9 @@ def print_density(report: dict) -> None:
               f"{l['runs_per_active']:12.2f} {l['never_active_fraction']:7.1%}")
 
 
+_AUTOCAST_SAID = {"bf16": "bf16 autocast", "fp32": "fp32"}
+
+
 def print_training(folder: Path) -> None:
     log = json.loads((folder / TRAINING_LOG).read_text())
     steps = log.get("steps")
@@ -484,7 +487,7 @@ def print_training(folder: Path) -> None:
         if steps and steps < log["steps_requested"] else ""
     print(f"trained {log['params'] / 1e6:.1f}M parameters on {log['tokens'] / 1e6:.1f}M tokens "
           f"({log['epochs']} epochs{cut}) in {log['seconds'] / 60:.1f} min ({log['tokens_per_s']:,.0f} tokens/s, "
-          f"{log['threads']} threads, {log.get('autocast', 'bf16')} autocast); held-out loss {log['heldout_loss']} (ppl {log['heldout_ppl']}); "
+          f"{log['threads']} threads, {_AUTOCAST_SAID[log.get('autocast', 'bf16')]}); held-out loss {log['heldout_loss']} (ppl {log['heldout_ppl']}); "
           f"our forward vs transformers: max |logit diff| {log['forward_max_abs_diff']:.2e}")
 
 
