@@ -304,6 +304,10 @@ def build(out: Path, shape: Shape = Shape(), schedule: Schedule = Schedule(), th
     not at all: it is built in a `.NAME.partial` folder beside it (which also holds the
     checkpoint to resume from) and renamed."""
     out = Path(out)
+    if autocast not in AUTOCASTS:
+        raise TrainError(f"--autocast {autocast}: use one of {', '.join(AUTOCASTS)}")
+    if minutes is not None and not minutes > 0:
+        raise TrainError(f"--minutes {minutes}: give a positive time budget, or 0 for none")
     wanted = settings(shape, schedule)
     if (out / TRAINING_LOG).is_file() and not force:
         done = json.loads((out / TRAINING_LOG).read_text())
@@ -311,10 +315,6 @@ def build(out: Path, shape: Shape = Shape(), schedule: Schedule = Schedule(), th
             raise TrainError(f"{out}: trained with other settings ({done.get('settings')}); pass "
                              f"--force to train again, or --out for another folder")
         return out, True
-    if autocast not in AUTOCASTS:
-        raise TrainError(f"--autocast {autocast}: use one of {', '.join(AUTOCASTS)}")
-    if minutes is not None and not minutes > 0:
-        raise TrainError(f"--minutes {minutes}: give a positive time budget, or 0 for none")
     if shape.d_model % shape.n_heads:
         raise TrainError(f"d_model {shape.d_model} is not a multiple of n_heads {shape.n_heads}")
     if not 260 <= shape.vocab <= 65536:        # 256 bytes + 3 special tokens; ids are kept as uint16
