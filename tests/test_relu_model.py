@@ -133,7 +133,7 @@ def test_fitted_steps_cut_to_whole_hundreds_within_the_budget():
     assert fit(200, 10.0, 100.0, least=300) == 200              # nor more than asked
 
 
-def test_a_budget_cut_run_is_the_run_of_the_cut_schedule(tiny_folder, tmp_path):
+def test_a_budget_cut_run_is_the_run_of_the_cut_schedule(tmp_path):
     """Steps are cut inside the warmup, whose learning rates do not depend on the total, so a
     run cut by its budget trains the same model as one asked for that many steps."""
     long = relu_model.Schedule(steps=400, batch=2, warmup=20, train_bytes=60_000)
