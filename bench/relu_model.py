@@ -188,8 +188,6 @@ def train_model(model, stream: np.ndarray, shape: Shape, s: Schedule, checkpoint
     autocast and steps) goes to `checkpoint`, and a run that finds one continues from it: on a
     shared machine the training can be stopped and resumed with the same result as one
     uninterrupted run."""
-    if autocast not in AUTOCASTS:
-        raise TrainError(f"autocast {autocast!r}: use one of {', '.join(AUTOCASTS)}")
     n_windows = len(stream) // shape.seq_len
     if n_windows < s.batch:
         raise TrainError(f"only {len(stream)} training tokens, fewer than one batch of "
