@@ -22,6 +22,7 @@ tokens measured so far are kept and the run is marked incomplete.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,14 @@ from tqdm import tqdm
 from ..runtime_py.strategies import get_strategy
 from .bench_io import DEFAULT_STRATEGIES, BenchError, Workload, plan_strategies
 from .rpc import Endpoint, RemoteError, open_session
+
+
+def _synced_copy(src: str, dst: str) -> str:
+    """dst, a copy of src on the disk itself (fsync'd), so O_DIRECT reads of it are of the disk."""
+    shutil.copyfile(src, dst)
+    with open(dst, "rb+") as f:
+        os.fsync(f.fileno())
+    return dst
 
 
 def _local_bytes(path: str, extents: np.ndarray) -> np.ndarray:
@@ -89,16 +98,20 @@ def replay_on_device(reader: "DeviceReader", wl: Workload, strategies=DEFAULT_ST
                 raise BenchError(f"{uploads[p]} on {reader.where} differs from {p} (strategy {s.name}, "
                                  "token 0); the upload is damaged: re-run")
         ms = {s.name: np.zeros(tokens) for s in strats}
-        locals_, native = {}, None
-        if compare_local:
-            from .remote_reader import open_reader   # imports TVM: not at parser build time
-            native = open_reader(None, "host")
-            local_ms = {k: {s.name: np.zeros(tokens) for s in strats} for k in ("native", "python")}
-            for s in strats:
-                p = str(layouts[s.name].path)
-                if p not in locals_:
-                    locals_[p] = FlashReader(p, queue_depth)
+        locals_, native, copies = {}, None, []
         try:
+            if compare_local:
+                from .remote_reader import open_reader   # imports TVM: not at parser build time
+                native = open_reader(None, "host")
+                local_ms = {k: {s.name: np.zeros(tokens) for s in strats} for k in ("native", "python")}
+                for s in strats:
+                    p = str(layouts[s.name].path)
+                    if p not in locals_:
+                        # The Python reader reads its own copy: had both local readers read p, its
+                        # blocks would be read twice a token, and a cache below O_DIRECT (a VM's disk
+                        # image, a drive's cache) would favour them over the upload, read once.
+                        copies.append(f"{p}.python-reader")
+                        locals_[p] = FlashReader(_synced_copy(p, copies[-1]), queue_depth)
             name = reader.session.name if reader.session else "here"
             for t in tqdm(range(tokens), desc=f"bench io on {name}", unit="token", file=sys.stderr,
                           disable=not progress):
@@ -123,6 +136,8 @@ def replay_on_device(reader: "DeviceReader", wl: Workload, strategies=DEFAULT_ST
         finally:
             for r in locals_.values():
                 r.close()
+            for c in copies:
+                Path(c).unlink(missing_ok=True)
     except RemoteError as e:
         error = str(e)
 

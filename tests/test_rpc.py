@@ -205,8 +205,13 @@ def test_remote_replay_reads_the_same_bytes_in_the_same_time_as_here(phone, tmp_
     assert r["complete"] and r["tokens_done"] == 24 and r["device"] == KEY
     assert all(c["match"] and c["bytes"] > 0 for c in r["bytes_check"].values()), r["bytes_check"]
     for name, st in r["strategies"].items():
-        assert 0.5 < st["remote_over_local_native_median"] < 2.0, (name, st)
+        # Loose: it is there to catch the wrong thing timed (reads through a page cache are
+        # several times faster, an RPC round trip per read slower). Runs on one machine gave
+        # 0.98 to 1.09; a CI machine once gave 2.34 for dense (3 reads of 196 KiB a token, read
+        # locally in 0.5 ms), when the local Python reader still read the native reader's file.
+        assert 1 / 3 < st["remote_over_local_native_median"] < 3.0, (name, st)
         assert len(st["per_token_ms"]) == 24 and st["bytes_read_per_token"] > 0
+    assert not list(tmp_path.rglob("*.python-reader"))     # the Python reader's copies are gone
 
 
 def test_the_exported_graph_runs_on_the_device_with_its_native_flash_hook(phone, tmp_path):
