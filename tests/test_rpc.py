@@ -167,7 +167,8 @@ def test_remote_probe_agrees_with_the_same_probe_run_here(phone, tmp_path):
     # The median cell: this VM's disk now and then slows several-fold for a second or two
     # (seen: one cell at 6x while the other two agreed within 1.3x), which says nothing of
     # whether the remote probe measures what the local one does.
-    assert 0.5 < float(np.median(ratios)) < 2.0, ratios
+    # Loose, as for the replay below: it catches the wrong thing timed, not disk weather.
+    assert 1 / 3 < float(np.median(ratios)) < 3.0, ratios
 
 
 def test_the_remote_probe_writes_a_device_profile(farm, tmp_path, capsys):
