@@ -71,6 +71,8 @@ def probe_remote_cmd(endpoint: Endpoint, target: str = "android-arm64", out: str
 
     if out and not Path(out).resolve().parent.is_dir():
         raise ProbeError(f"{out}: folder {Path(out).parent} does not exist")
+    if compare_local and not Path(compare_local).is_dir():
+        raise ProbeError(f"{compare_local}: no such folder; pass --path DIR on the disk to probe here")
     with open_session(endpoint, timeout, name) as s:
         reader = open_reader(s, target)
         here = (open_reader(None, "host"), compare_local) if compare_local else None

@@ -41,6 +41,7 @@ def _nothing_written(place):
 MISSING = [
     ("profile --model T/nope.gguf --out T/out/p.npz", "nope.gguf: no such"),
     ("profile --out T/out/p.npz --text T/missing.txt", "missing.txt: no such file"),
+    ("probe storage --rpc 127.0.0.1:9 --compare-local --path T/nope --out T/out/p.json", "nope: no such folder"),
     ("train-predictor --profile T/nope.npz --out T/out/pred.npz", "nope.npz: no such file"),
     ("pack --model T/nope.gguf --out T/out/lay", "nope.gguf: no such"),
     ("pack --out T/out/lay --profile T/nope.npz", "nope.npz: no such file"),
