@@ -81,24 +81,44 @@ def _keeper(keep: str | None):
     return [thr], kept
 
 
-def sparse_ffn(spec: BundleSpec, keep: str | None = None) -> tirx.PrimFunc:
-    """The sparse FFN over a gathered buffer of k bundles (k symbolic); keep: see the module."""
+class _Tokens:
+    """The token axis of a batched kernel (x (n, d), y (n, d)), or none (x (d,), y (d,)):
+    `lead` prefixes a stage's shape, `at(idx)` splits a stage's indices into (token, rest)."""
+
+    def __init__(self, batched: bool):
+        self.n = te.var("n", dtype=_I64) if batched else None
+        self.lead = (self.n,) if batched else ()
+
+    def x(self, d):
+        return te.placeholder((*self.lead, _i64(d)), "float32", name="x")
+
+    def compute(self, shape, f, name):
+        """te.compute over (*lead, *shape) with f(tok, *rest); tok is () when not batched."""
+        nl = len(self.lead)
+        return te.compute((*self.lead, *shape), lambda *idx: f(idx[:nl], *idx[nl:]), name=name)
+
+
+def sparse_ffn(spec: BundleSpec, keep: str | None = None, batched: bool = False) -> tirx.PrimFunc:
+    """The sparse FFN over a gathered buffer of k bundles (k symbolic); keep: see the module.
+    batched: x (n, d) and y (n, d) for the n tokens of a prompt step (n symbolic), every token
+    on the same bundles (sparse_ffn_tokens schedules it)."""
     if spec.dtype not in VIEW_DTYPE:
         raise ValueError(f"no kernel for bundle dtype {spec.dtype!r}; kernels exist for "
                          f"{sorted(VIEW_DTYPE)}")
     if keep == "gate" and spec.activation != "swiglu":
         raise ValueError("keep 'gate' needs a gated (SwiGLU) FFN; use 'coef' for ReLU models")
     extra, kept = _keeper(keep)
+    tok = _Tokens(batched)
     if spec.dtype in ("q4", "q4d8"):
-        return _sparse_ffn_q4(spec, extra, kept)
+        return _sparse_ffn_q4(spec, extra, kept, tok)
     d, P = spec.d_model, gemv_parts(spec)
     k = te.var("k", dtype=_I64)
     D = _i64(d)
-    x = te.placeholder((D,), "float32", name="x")
+    x = tok.x(d)
     W = te.placeholder((k, _i64(buffer_cols(spec))), VIEW_DTYPE[spec.dtype], name="bundles")
     rj = te.reduce_axis((0, D), name="rj")
-    gu = te.compute((k, _i64(P)), lambda i, p: te.sum(
-        W[i, p * D + rj].astype("float32") * x[rj], axis=rj), name="gu")
+    gu = tok.compute((k, _i64(P)), lambda t, i, p: te.sum(
+        W[i, p * D + rj].astype("float32") * x[(*t, rj)], axis=rj), name="gu")
 
     if spec.dtype == "fp16":
         def scale(i, part):
@@ -119,13 +139,13 @@ def sparse_ffn(spec: BundleSpec, keep: str | None = None) -> tirx.PrimFunc:
         s = scale(i, part)
         return v if s is None else v * s
 
-    def act_fn(i):
+    def act_fn(t, i):
         if spec.activation == "swiglu":
-            g = scaled(gu[i, 0], i, 0)
+            g = scaled(gu[(*t, i, 0)], i, 0)
             sg = g * te.sigmoid(g)
-            a = kept(sg * scaled(gu[i, 1], i, 1), sg)
+            a = kept(sg * scaled(gu[(*t, i, 1)], i, 1), sg)
         else:
-            u = scaled(gu[i, 0], i, 0)
+            u = scaled(gu[(*t, i, 0)], i, 0)
             if spec.has_up_bias:
                 u = u + bias(i)
             a = kept(te.max(u, tirx.const(0.0, "float32")), None)
@@ -133,14 +153,14 @@ def sparse_ffn(spec: BundleSpec, keep: str | None = None) -> tirx.PrimFunc:
         # not one per (neuron, output).
         return scaled(a, i, P)
 
-    act = te.compute((k,), act_fn, name="act")
+    act = tok.compute((k,), act_fn, name="act")
     ri = te.reduce_axis((0, k), name="ri")
-    y = te.compute((D,), lambda j: te.sum(
-        W[ri, _i64(P * d) + j].astype("float32") * act[ri], axis=ri), name="y")
+    y = tok.compute((D,), lambda t, j: te.sum(
+        W[ri, _i64(P * d) + j].astype("float32") * act[(*t, ri)], axis=ri), name="y")
     return te.create_prim_func([x, W, *extra, y]).with_attr("global_symbol", "main")
 
 
-def _sparse_ffn_q4(spec: BundleSpec, extra: list, kept) -> tirx.PrimFunc:
+def _sparse_ffn_q4(spec: BundleSpec, extra: list, kept, tok: _Tokens) -> tirx.PrimFunc:
     """sparse_ffn on Q4_1 blocks. The up GEMV dequantizes in place, sum_c (d_b q_c + m_b) x_c,
     with the block's step and minimum one broadcast per 16-lane vector: one fused multiply-add
     more per value than step * nibble * x, and no second pass over the rows for the minimums
@@ -150,7 +170,7 @@ def _sparse_ffn_q4(spec: BundleSpec, extra: list, kept) -> tirx.PrimFunc:
     nb = d // q4.BLOCK
     k = te.var("k", dtype=_I64)
     D, NB, B = _i64(d), _i64(nb), _i64(q4.BLOCK)
-    x = te.placeholder((D,), "float32", name="x")
+    x = tok.x(d)
     W = te.placeholder((k, _i64(spec.bundle_bytes)), "uint8", name="bundles")
 
     def block_at(part, b):
@@ -164,46 +184,63 @@ def _sparse_ffn_q4(spec: BundleSpec, extra: list, kept) -> tirx.PrimFunc:
         return ((byte >> shift) & tirx.const(15, "uint8")).astype("float32")
 
     rj = te.reduce_axis((0, D), name="rj")
-    gu = te.compute((k, _i64(P)), lambda i, p: te.sum(
+    gu = tok.compute((k, _i64(P)), lambda t, i, p: te.sum(
         (_f16(W, i, block_at(p, rj // B)) * nibble(i, p, rj) + _f16(W, i, block_at(p, rj // B) + _i64(2)))
-        * x[rj], axis=rj), name="gu")
+        * x[(*t, rj)], axis=rj), name="gu")
 
-    def act_fn(i):
+    def act_fn(t, i):
         if spec.activation == "swiglu":
-            g = gu[i, 0]
+            g = gu[(*t, i, 0)]
             sg = g * te.sigmoid(g)
-            return kept(sg * gu[i, 1], sg)
-        u = gu[i, 0]
+            return kept(sg * gu[(*t, i, 1)], sg)
+        u = gu[(*t, i, 0)]
         if spec.has_up_bias:
             u = u + _side_f32(W, i, sum(spec.part_sizes))
         return kept(te.max(u, tirx.const(0.0, "float32")), None)
 
-    act = te.compute((k,), act_fn, name="act")
+    act = tok.compute((k,), act_fn, name="act")
     if spec.dtype == "q4d8":
-        return _down_q8(spec, k, x, W, act, extra)
+        return _down_q8(spec, k, x, W, act, extra, tok)
     # Down: y_j = sum_i act_i (d_ib q_ij + m_ib), b = j/32. The step is folded into the
     # coefficient once per (neuron, block), the minimum into a per-block sum over neurons.
-    ad = te.compute((k, NB), lambda i, b: act[i] * _f16(W, i, block_at(P, b)), name="ad")
+    ad = tok.compute((k, NB), lambda t, i, b: act[(*t, i)] * _f16(W, i, block_at(P, b)), name="ad")
     rk = te.reduce_axis((0, k), name="rk")
-    am = te.compute((NB,), lambda b: te.sum(
-        act[rk] * _f16(W, rk, block_at(P, b) + _i64(2)), axis=rk), name="am")
+    am = tok.compute((NB,), lambda t, b: te.sum(
+        act[(*t, rk)] * _f16(W, rk, block_at(P, b) + _i64(2)), axis=rk), name="am")
     ri = te.reduce_axis((0, k), name="ri")
-    yq = te.compute((D,), lambda j: te.sum(ad[ri, j // B] * nibble(ri, P, j), axis=ri), name="y")
-    y = te.compute((D,), lambda j: yq[j] + am[j // B], name="y_min")
+    yq = tok.compute((D,), lambda t, j: te.sum(ad[(*t, ri, j // B)] * nibble(ri, P, j), axis=ri), name="y")
+    y = tok.compute((D,), lambda t, j: yq[(*t, j)] + am[(*t, j // B)], name="y_min")
     return te.create_prim_func([x, W, *extra, y]).with_attr("global_symbol", "main")
 
 
-def _down_q8(spec: BundleSpec, k, x, W, act, extra: list) -> tirx.PrimFunc:
+def _down_q8(spec: BundleSpec, k, x, W, act, extra: list, tok: _Tokens) -> tirx.PrimFunc:
     """y_j = sum_i act_i s_ib q_ij, b = j/32: each block's scale is folded into the coefficient
     once per (neuron, block), as the int8 kernel folds its one scale per column."""
     d, at = spec.d_model, spec.part_offsets[-1]
     D, NB, B = _i64(d), _i64(d // q8.BLOCK), _i64(q8.BLOCK)
-    ad = te.compute((k, NB), lambda i, b: act[i] * _f16(W, i, _i64(at + d) + b * _i64(2)), name="ad")
+    ad = tok.compute((k, NB), lambda t, i, b: act[(*t, i)] * _f16(W, i, _i64(at + d) + b * _i64(2)), name="ad")
     ri = te.reduce_axis((0, k), name="ri")
-    y = te.compute((D,), lambda j: te.sum(
-        ad[ri, j // B] * tirx.reinterpret("int8", W[ri, _i64(at) + j]).astype("float32"), axis=ri),
+    y = tok.compute((D,), lambda t, j: te.sum(
+        ad[(*t, ri, j // B)] * tirx.reinterpret("int8", W[ri, _i64(at) + j]).astype("float32"), axis=ri),
         name="y")
     return te.create_prim_func([x, W, *extra, y]).with_attr("global_symbol", "main")
+
+
+def sparse_ffn_tokens(spec: BundleSpec, keep: str | None = None) -> tirx.PrimFunc:
+    """The batched sparse kernel, scheduled: a prompt step's n tokens on the bundles of the
+    union of their sets (each token keeps, by its own score, the neurons that clear thr).
+    Every stage's outermost non-token loop runs in parallel; the token loop stays serial
+    inside, so the bundles a task owns are reused across tokens while in cache. Prefill only:
+    decode runs the tuned single-token kernel (compile.schedule)."""
+    from tvm import s_tir
+    sch = s_tir.Schedule(sparse_ffn(spec, keep, batched=True))
+    stages = {"q4": ("gu", "act", "ad", "am", "y", "y_min"), "q4d8": ("gu", "act", "ad", "y")}
+    for name in stages.get(spec.dtype, ("gu", "act", "y")):
+        blk = sch.get_sblock(name)
+        tok, outer = sch.get_loops(blk)[:2]
+        sch.reorder(outer, tok)
+        sch.parallel(outer)
+    return sch.mod["main"]
 
 
 def dense_ffn(activation: str, d: int, n: int, has_up_bias: bool = False) -> tirx.PrimFunc:

@@ -20,7 +20,6 @@ import functools
 import tvm
 from tvm import s_tir, te, tirx
 
-from .ffn import _f16
 from .schedule import Q4_RUN
 from .targets import make_target
 
@@ -56,28 +55,49 @@ def _halve(p, n, rows: int, width: int):
                       lambda t, i, l: p[t, i, l] + p[t, i, l + _i64(width)], name=f"sum{width}")
 
 
-def qgemv(kind: str, rows: int, d: int) -> tuple[tirx.PrimFunc, list[str]]:
+def qgemv(kind: str, rows: int, d: int, flat: tuple[int, int] | None = None) -> tuple[tirx.PrimFunc, list[str]]:
     """(the kernel as a PrimFunc, names of its lane-sum stages for the schedule).
+
+    flat (total bytes, offset): w is a flat uint8 buffer of that many bytes holding the rows at
+    that byte offset, e.g. a part of a layer's whole-copy extent as read (layout.whole_copy),
+    multiplied where it lies.
 
     acc[t, i, c] sums lane c % 32 of blocks c // 32, c // 32 + split, ... of row i; the
     32 * split lanes are then added pairwise (down to 1). A single serial sum over the lanes,
     what rfactor emits, is a chain of 32 dependent scalar adds per row: measured here it made
     the 49152-row LM head 6.6 ms against 1.7 ms with the pairwise tree."""
     bb = BLOCK_BYTES[kind]
-    nb = row_bytes(kind, d) // bb
+    rbytes = row_bytes(kind, d)
+    nb = rbytes // bb
     split = SPLIT[kind] if nb % SPLIT[kind] == 0 and nb > SPLIT[kind] else 1
     n = te.var("n", dtype=_I64)
     x = te.placeholder((n, _i64(d)), "float32", name="x")
-    w = te.placeholder((_i64(rows), _i64(nb * bb)), "uint8", name="w")
+    if flat is None:
+        w = te.placeholder((_i64(rows), _i64(nb * bb)), "uint8", name="w")
+
+        def byte(i, j):
+            return w[i, j]
+    else:
+        total, offset = flat
+        if offset < 0 or offset + rows * rbytes > total:
+            raise ValueError(f"{rows} rows of {rbytes} bytes at offset {offset} do not fit in {total} bytes")
+        w = te.placeholder((_i64(total),), "uint8", name="w")
+
+        def byte(i, j):
+            return w[_i64(offset) + i * _i64(rbytes) + j]
     rb = te.reduce_axis((0, _i64(nb // split)), name="rb")
+
+    def f16(i, j):
+        bits = byte(i, j).astype("uint16") | (byte(i, j + _i64(1)).astype("uint16") << tirx.const(8, "uint16"))
+        return tirx.reinterpret("float16", bits).astype("float32")
 
     def value(i, b, c):
         at, run, lane = b * _i64(bb), c // _i64(_RUN), c % _i64(_RUN)
         if kind == "q4_1":
-            byte = w[i, at + _i64(4) + lane]
-            q = ((byte >> (run * _i64(4)).astype("uint8")) & tirx.const(15, "uint8")).astype("float32")
-            return _f16(w, i, at) * q + _f16(w, i, at + _i64(2))
-        return _f16(w, i, at) * tirx.reinterpret("int8", w[i, at + _i64(2) + c]).astype("float32")
+            q = ((byte(i, at + _i64(4) + lane) >> (run * _i64(4)).astype("uint8"))
+                 & tirx.const(15, "uint8")).astype("float32")
+            return f16(i, at) * q + f16(i, at + _i64(2))
+        return f16(i, at) * tirx.reinterpret("int8", byte(i, at + _i64(2) + c)).astype("float32")
 
     def block(c):
         return rb * _i64(split) + c // _i64(BLOCK)
