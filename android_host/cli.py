@@ -91,8 +91,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="check every region's checksum")
     p.set_defaults(run=_run_inspect)
 
+    p = sub.add_parser("compile", help="compile the whole decode step, the native flash runtime and runner into APP/")
+    p.add_argument("--layout", help="folder written by `ripple pack` (with predictor.npz for predicted sets)")
+    p.add_argument("--model", help="or a checkpoint (GGUF file or HF folder): the offline steps run first "
+                                   "(profile, place, pack, train-predictor) with their defaults")
+    p.add_argument("--out", required=True, type=output_dir, help="APP folder to write (new or empty)")
+    p.add_argument("--target", default="host", help="named target (default host)")
+    p.add_argument("--work", help="--model: folder for the offline steps' files (default build/work/NAME)")
+    p.add_argument("--kv-dtype", choices=["float16", "float32"], default="float16",
+                   help="KV cache storage (default float16, as llama.cpp's)")
+    p.add_argument("--queue-depth", type=_positive, default=32)
+    p.add_argument("--read-ahead", type=_count, default=2, help="layers a whole layer is read early (default 2)")
+    p.add_argument("--budget-mb", type=_nonneg_float, default=0.0,
+                   help="DRAM for whole layers of the whole copy, read once at start (default 0)")
+    p.add_argument("--storage", help="device profile (`ripple probe storage --out F`, or a shipped name): "
+                                     "its latency table sets the access-collapse gap")
+    p.add_argument("--whole-layers", choices=["auto", "all", "none"], default="auto",
+                   help="layers read whole from the whole copy: auto (all when the layout has one), all, none")
+    p.add_argument("--sets", choices=["predicted", "all"],
+                   help="sparse layers: predicted (default with predictor.npz) or all (every bundle read)")
+    p.add_argument("--buffered", action="store_true", help="read through the page cache (not flash timing)")
+    p.set_defaults(run=_run_compile)
+
     p = sub.add_parser("generate", help="generate text with every FFN weight read from flash")
-    p.add_argument("--layout", required=True, help="folder written by `ripple pack`")
+    p.add_argument("--app", help="APP folder from `ripple compile`: decode with the compiled library and "
+                                 "the native runtime (the engine an app runs)")
+    p.add_argument("--threads", type=_positive, help="--app: compute threads (default all cores)")
+    p.add_argument("--layout", help="folder written by `ripple pack`: the Python engine (reference)")
     p.add_argument("--model", help=model_help)
     p.add_argument("--prompt", default="What is flash memory? Answer in two sentences.")
     p.add_argument("--tokens", type=_positive, default=16)
@@ -249,7 +274,21 @@ def _run_inspect(args) -> None:
     print(json.dumps(api.inspect_cmd(args.path, args.verify), indent=1))
 
 
+def _run_compile(args) -> None:
+    from .app_cmds import compile_cmd
+    print(json.dumps(compile_cmd(args.out, args.layout, args.model, args.target, args.work, args.kv_dtype,
+                                 args.queue_depth, args.read_ahead, args.budget_mb, args.storage,
+                                 args.whole_layers, args.sets, not args.buffered), indent=1))
+
+
 def _run_generate(args) -> None:
+    if (args.app is None) == (args.layout is None):
+        from .flag_types import FlagError
+        raise FlagError("give --app APP (the compiled engine) or --layout DIR (the Python engine)")
+    if args.app is not None:
+        from .app_cmds import generate_app_cmd, print_app_generation
+        return print_app_generation(generate_app_cmd(args.app, args.prompt, args.tokens, not args.no_chat,
+                                                     args.json, args.threads))
     from . import interface as api
     _print_generation(api.generate_cmd(args.layout, args.model, args.prompt, args.tokens, args.sparsity,
                                        args.queue_depth, not args.no_chat, not args.buffered, args.json,

@@ -1,0 +1,292 @@
+"""`ripple compile`: a layout folder -> APP/, everything an app needs to decode with the FFN in flash.
+
+APP/
+  model.so               the whole decode step (compile.model_graph): prefill / decode
+  libripple_runtime.so   the native flash runtime the model calls (compile/native)
+  runtime.bin            its config (compile.runtime_config): layers, placement, which layers
+                         are read whole, thresholds, cache, queue depth, collapse rule
+  params.bin             the non-FFN weights (GGUF blocks), norms, the predictor (app_params)
+  model.rflash, manifest.json [, whole.rflash, whole.json]   the flash files, as packed
+  tokenizer.json         the tokenizer (an app brings a tokenizer library to use it)
+  storage.json           the device profile the reads were planned with, when one was given
+  ripple-run             the native runner (host), with the TVM runtime libraries beside it
+  app.json               what is where and what to call (read by ripple-run and by apps)
+The folder is built under a temporary name and renamed when complete.
+
+Which layers are read whole is decided here, once, for the graph and the runtime alike
+(`whole_layers`): "auto" reads every layer whole when the layout has a whole copy (`ripple
+pack --whole-copy`, written for weakly sparse models whose predicted sets cover nearly every
+block of a layer: SmolLM2 at sparsity 0.6, ~90%), and none otherwise.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic_file import write_json
+from ..layout.header import MODEL_FILE
+from ..layout.manifest import MANIFEST_FILE
+from ..layout.reader import open_layout
+from ..layout.whole_copy import WHOLE_FILE, WHOLE_MANIFEST, open_whole_copy
+from .app_params import matrix_kinds, model_params, write_params
+from .elf import read_elf
+from .ffn import VIEW_DTYPE
+from .model_graph import FETCH, FUNCTIONS, LAYER_SPARSE, LAYER_WHOLE, WHOLE, DecodeSpec, WholeParts, decode_module
+from .runtime_config import RuntimeConfig, write_runtime_config
+from .targets import export_library, make_target, target_dict
+
+APP_FILE, LIBRARY, RUNTIME_LIBRARY, CONFIG_FILE = "app.json", "model.so", "libripple_runtime.so", "runtime.bin"
+TOKENIZER_FILE, STORAGE_FILE, RUNNER = "tokenizer.json", "storage.json", "ripple-run"
+FORMAT = 1
+WHOLE_LAYERS = ("auto", "all", "none")
+KV_DTYPES = ("float16", "float32")
+REQUEST_BYTES = 1 << 20          # whole extents go out in requests of this size (runtime_py.read_ahead)
+
+
+class AppError(ValueError):
+    """An APP folder that cannot be built or loaded; the message names the thing and the fix."""
+
+
+def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: str = "host",
+              kv_dtype: str = "float16", queue_depth: int = 32, read_ahead: int = 2,
+              budget_mb: float = 0.0, collapse_gap_bytes: int = 0, max_request_bytes: int = REQUEST_BYTES,
+              storage_file: str | None = None, whole_layers: str = "auto",
+              sets: str | None = None, sparsity: float | None = None, o_direct: bool = True,
+              progress=None) -> dict:
+    """Write APP/ (see the module) for `target`; returns app.json's contents.
+    budget_mb: DRAM for whole layers of the whole copy, read once at open (the last layers
+    that fit); collapse_gap_bytes, max_request_bytes: the planner's rule, from the device
+    profile storage_file (copied into the APP; android_host.interface derives both from its
+    latency table); sets:
+    "predicted" (default when the layout has predictor.npz) or "all" (every bundle of a
+    sparse layer read, the kernel keeping the neurons whose score clears the threshold)."""
+    from ..tuning.checkpoint import load_model
+    from ..layout.reader import check_source
+    target_dict(target)
+    if whole_layers not in WHOLE_LAYERS:
+        raise AppError(f"--whole-layers {whole_layers}: choose one of {', '.join(WHOLE_LAYERS)}")
+    if kv_dtype not in KV_DTYPES:
+        raise AppError(f"--kv-dtype {kv_dtype}: choose one of {', '.join(KV_DTYPES)}")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise AppError(f"{out}: exists and is not an empty folder; choose a new --out")
+    step = progress or (lambda msg: None)
+    layout = open_layout(layout_dir, verify=True)
+    path = model or layout.manifest.source
+    if not Path(path).exists():
+        raise AppError(f"{path}: the checkpoint {layout_dir} was packed from is not there; pass --model")
+    desc = load_model(path)
+    check_source(layout, desc.source_hash)
+    copy = open_whole_copy(layout.path.parent, layout.manifest.source_hash)
+    L = desc.n_layers
+    if whole_layers == "all" and copy is None:
+        raise AppError(f"--whole-layers all: {layout_dir} has no whole copy; pack with --whole-copy")
+    mode = np.full(L, LAYER_WHOLE if copy is not None and whole_layers != "none" else LAYER_SPARSE, np.int8)
+    meta = layout.manifest.meta
+    thresholds = _thresholds(meta, L, sparsity, layout_dir)
+    predictor = _predictor(layout, desc, sets, thresholds, meta) if (mode == LAYER_SPARSE).any() else None
+    kinds = matrix_kinds(desc)
+    spec = DecodeSpec(
+        arch=desc.arch, d_model=desc.d_model, n_layers=L, n_heads=desc.n_heads, n_kv_heads=desc.n_kv_heads,
+        head_dim=desc.head_dim, d_ffn=desc.d_ffn, vocab=desc.vocab_size,
+        norm="rms" if desc.arch == "llama" else "layer", norm_eps=float(desc.norm_eps),
+        rope=desc.pos_embed is None, activation=desc.activation, kv_dtype=kv_dtype,
+        embed_kind=kinds["embed"], lm_head_kind=None if desc.lm_head is desc.embed else (kinds["lm_head"] or "q8_0"),
+        qkv_kind=kinds["qkv"], o_kind=kinds["o"], bias=desc.layers[0].bq is not None,
+        pos_rows=0 if desc.pos_embed is None else int(desc.pos_embed.shape[0]),
+        pos_offset=_pos_offset(desc), layer_mode=tuple(int(m) for m in mode),
+        whole=None if copy is None else WholeParts(copy.layer_bytes, tuple(
+            (p.name, p.kind, p.shape[0], p.shape[1], p.at) for p in copy.parts)),
+        bundle=layout.spec, knobs=_knobs(layout.spec, target), keep=meta.get("criterion", "coef"),
+        score_thresholds=tuple(float(t) for t in thresholds),
+        predictor_rank=0 if predictor is None else int(predictor.rank))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    os.chmod(tmp, 0o755)
+    try:
+        import tvm
+        step("compiling the decode step")
+        t0 = time.perf_counter()
+        linker = export_library(tvm.compile(decode_module(spec), target=make_target(target)), tmp / LIBRARY, target)
+        compile_s = time.perf_counter() - t0
+        step("writing params")
+        params = write_params(tmp, spec, model_params(desc, spec, predictor))
+        step("copying the flash files")
+        _place(layout.path, tmp / MODEL_FILE)
+        _place(layout.manifest_path, tmp / MANIFEST_FILE)
+        if copy is not None:
+            _place(copy.path, tmp / WHOLE_FILE)
+            _place(copy.path.with_name(WHOLE_MANIFEST), tmp / WHOLE_MANIFEST)
+        pinned = _pinned_layers(mode, copy, budget_mb)
+        gap, request = int(collapse_gap_bytes), int(max_request_bytes)
+        cfg = RuntimeConfig(
+            bundles_file=MODEL_FILE, whole_file=WHOLE_FILE if copy is not None else None, n_layers=L,
+            n=desc.d_ffn, bundle_bytes=layout.bundle_bytes, alignment=layout.alignment,
+            view_dtype=VIEW_DTYPE[layout.spec.dtype], region_offsets=np.asarray(layout.region_offsets, np.int64),
+            slot_of=np.asarray(layout.slot_of, np.int32),
+            whole_offsets=np.asarray(copy.offsets if copy is not None else np.zeros(L), np.int64),
+            whole_layer_bytes=copy.layer_bytes if copy is not None else 0, layer_mode=mode,
+            logit_thresholds=np.asarray(predictor.thresholds if predictor is not None else np.zeros(L), np.float32),
+            pinned_layers=pinned, pinned_bundles=[np.zeros(0, np.int32) for _ in range(L)],
+            sets_all=predictor is None, queue_depth=queue_depth, read_ahead=read_ahead,
+            collapse_gap_bytes=gap, max_request_bytes=request, o_direct=o_direct)
+        write_runtime_config(tmp / CONFIG_FILE, cfg)
+        step("building the native runtime and runner")
+        files = _natives(target, tmp)
+        tok = _tokenizer(path, tmp)
+        if storage_file is not None:
+            shutil.copyfile(storage_file, tmp / STORAGE_FILE)
+        info = {
+            "format": FORMAT, "target": target, "target_json": target_dict(target), "linked_with": linker.via,
+            "library": LIBRARY, "runtime_library": RUNTIME_LIBRARY, "runtime_config": CONFIG_FILE,
+            "params": params, "tokenizer": tok, "runner": files.get("runner"),
+            "model": {"source": str(path), "source_hash": desc.source_hash, "arch": desc.arch,
+                      "name": desc.name, "layers": L, "d_model": desc.d_model, "d_ffn": desc.d_ffn},
+            "vocab": desc.vocab_size, "max_positions": int(desc.max_positions),
+            "eos_token_ids": [int(t) for t in desc.eos_token_ids],
+            "kv": {"shape": [L, 2, None, spec.kv_dim], "dtype": kv_dtype},
+            "functions": {f: {"name": f, "args": [
+                "tokens: (n,) int32" if f == "prefill" else "token: (1,) int32",
+                f"kv: ({L}, 2, max_len, {spec.kv_dim}) {kv_dtype}, updated in place",
+                "pos: Shape [p], the position of the first token", "params: tuple (app.json params)"],
+                "returns": f"logits: (1, {desc.vocab_size}) float32, the last token's"} for f in FUNCTIONS},
+            "flash_runtime": {
+                "calls": {WHOLE: "(layer) -> the layer's whole-copy extent, uint8, read ahead",
+                          FETCH: "(layer, logits (n, d_ffn) f32) -> the predicted neurons' bundles (k, cols)"},
+                "open": "ripple.rt.open(runtime.bin path)", "stats": "ripple.rt.stats(out float64 (16,))",
+                "close": "ripple.rt.close()"},
+            "layers": {"whole": [int(i) for i in np.flatnonzero(mode == LAYER_WHOLE)],
+                       "sparse": [int(i) for i in np.flatnonzero(mode == LAYER_SPARSE)],
+                       "pinned_whole": [int(i) for i in np.flatnonzero(pinned)]},
+            "sets": "all" if predictor is None else "predicted",
+            "sparsity": float(meta.get("sparsity", 0.0)), "criterion": spec.keep,
+            "bundle": asdict(layout.spec), "knobs": spec.knobs.to_dict(), "kv_dtype": kv_dtype,
+            "io": {"queue_depth": queue_depth, "read_ahead": read_ahead, "collapse_gap_bytes": gap,
+                   "max_request_bytes": request, "o_direct": o_direct,
+                   "storage_profile": STORAGE_FILE if storage_file is not None else None,
+                   "budget_bytes": int(budget_mb * (1 << 20)),
+                   "pinned_bytes": int(pinned.sum()) * (copy.layer_bytes if copy is not None else 0)},
+            "compile_seconds": round(compile_s, 2),
+            "files": {}, "tvm": tvm.__version__,
+        }
+        for p in sorted(tmp.iterdir()):
+            info["files"][p.name] = {"bytes": p.stat().st_size}
+            if p.suffix == ".so" or p.name == RUNNER:
+                elf = read_elf(p)
+                info["files"][p.name].update(machine=elf.machine, needed=list(elf.needed))
+        info["files"][LIBRARY]["sha256"] = hashlib.sha256((tmp / LIBRARY).read_bytes()).hexdigest()
+        info["total_bytes"] = sum(f["bytes"] for f in info["files"].values())
+        write_json(tmp / APP_FILE, info)
+        if out.exists():
+            out.rmdir()                       # checked empty above
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+def _thresholds(meta: dict, L: int, sparsity: float | None, layout_dir: str) -> np.ndarray:
+    from ..tuning.profile import thresholds_at
+    s = float(meta.get("sparsity", 0.0)) if sparsity is None else sparsity
+    if s == 0.0:
+        return np.full(L, -1.0)
+    if "grid" not in meta:
+        raise AppError(f"{layout_dir}: packed without a profile, so only sparsity 0 compiles; pack with --profile")
+    return np.asarray(thresholds_at(meta["grid"], meta["grid_thresholds"], s), np.float64)
+
+
+def _predictor(layout, desc, sets: str | None, thresholds: np.ndarray, meta: dict):
+    """The layout's predictor for predicted sets, or None (every bundle read: sets "all")."""
+    from ..tuning.predictor import PREDICTOR_FILE, check_predictor, load_predictor
+    where = layout.path.parent / PREDICTOR_FILE
+    if sets is None:
+        sets = "predicted" if where.is_file() else "all"
+    if sets == "all":
+        return None
+    if sets != "predicted":
+        raise AppError(f"--sets {sets}: choose predicted or all")
+    if not where.is_file():
+        raise AppError(f"{where}: no predictor; run `ripple train-predictor --out {layout.path.parent}` "
+                       f"or compile with --sets all")
+    pred = load_predictor(where)
+    check_predictor(pred, desc.source_hash, desc.n_layers, desc.d_model, desc.d_ffn, str(where))
+    if not np.allclose(pred.score_thresholds, thresholds.astype(np.float32), rtol=1e-5, atol=1e-6):
+        raise AppError(f"{where} was trained for sparsity {pred.sparsity:g}, the layout compiles at "
+                       f"{meta.get('sparsity')}; train it again or pass --sparsity {pred.sparsity:g}")
+    return pred
+
+
+def _pos_offset(desc) -> int:
+    from ..tuning.model import OPT_POSITION_OFFSET
+    return OPT_POSITION_OFFSET if desc.pos_embed is not None else 0
+
+
+def _knobs(spec, target: str):
+    from .build import knobs_for
+    return knobs_for(spec, target)[0]
+
+
+def _pinned_layers(mode: np.ndarray, copy, budget_mb: float) -> np.ndarray:
+    """The last whole layers whose copies fit the DRAM budget (runtime_py.read_ahead pins so)."""
+    pinned = np.zeros(len(mode), bool)
+    if copy is None:
+        return pinned
+    k = int(budget_mb * (1 << 20)) // copy.layer_bytes
+    for layer in np.flatnonzero(mode == LAYER_WHOLE)[::-1][:k]:
+        pinned[layer] = True
+    return pinned
+
+
+def _place(src: Path, dest: Path) -> None:
+    """A flash file into the APP: a hard link when on the same file system (60 MB each), else a copy."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
+def _natives(target: str, tmp: Path) -> dict:
+    """The flash runtime for target, and on the host the runner with the TVM runtime beside it."""
+    from .native_reader import build_reader
+    shutil.copyfile(build_reader(target), tmp / RUNTIME_LIBRARY)
+    files = {"runtime": RUNTIME_LIBRARY}
+    if target == "host":
+        from .runner import build_runner, runtime_libraries
+        shutil.copy2(build_runner(target), tmp / RUNNER)
+        for lib in runtime_libraries():
+            shutil.copyfile(lib, tmp / lib.name)
+        files["runner"] = RUNNER
+    return files
+
+
+def _tokenizer(path: str, tmp: Path) -> str | None:
+    """tokenizer.json of the model's (fast) tokenizer, or None when it has none."""
+    from ..tuning.checkpoint import load_tokenizer
+    tok = load_tokenizer(path)
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    backend.save(str(tmp / TOKENIZER_FILE))
+    return TOKENIZER_FILE
+
+
+def load_app_json(app_dir: str | os.PathLike) -> dict:
+    """app.json of an APP folder, checked for the format this ripple writes."""
+    p = Path(app_dir) / APP_FILE
+    try:
+        info = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise AppError(f"{p}: unreadable ({e}); build the folder with `ripple compile`") from None
+    if info.get("format") != FORMAT:
+        raise AppError(f"{p}: APP format {info.get('format')}, this ripple reads {FORMAT}; compile again")
+    return info
