@@ -1,16 +1,17 @@
-"""Building the phone-side flash reader (native/ripple_reader.c) for a named target.
+"""Building the phone-side native library (native/*.c) for a named target.
 
 A phone runs TVM's native RPC server, not Python: the storage probe and the I/O replay must
-run there as compiled code. The reader is a companion shared library, loaded next to the
-kernels with `remote.load_module` (or a server's `--load-library`); see the C file for the
-functions it exports and the globals it registers.
+run there as compiled code, and so must the flash runtime a compiled model calls per layer
+and per token (native/flash_runtime.c, ripple.rt.*). It is one companion shared library,
+loaded next to the kernels with `remote.load_module` (or a server's `--load-library`, or a
+native runner's dlopen); native/registry.c says how its functions reach TVM.
 
 host:          the system C compiler, against glibc.
 android-arm64: the NDK's clang when ANDROID_NDK_HOME is set; else Debian's aarch64 gcc with
                glibc's headers but no glibc: -nostdlib against empty stand-ins named like
                bionic's libc.so and libdl.so (as compile.targets links the kernels), outline
                atomics and the stack protector off (both would call into libgcc / glibc).
-Builds are cached under build/native/TARGET/ by a hash of the source and the command.
+Builds are cached under build/native/TARGET/ by a hash of the sources and the command.
 """
 from __future__ import annotations
 
@@ -24,24 +25,31 @@ from pathlib import Path
 from .errors import ToolchainError
 from .targets import linker_for
 
-SOURCE = Path(__file__).resolve().parent / "native" / "ripple_reader.c"
+NATIVE = Path(__file__).resolve().parent / "native"
+# One library from these, each file one idea (native/ripple_native.h says what they share).
+SOURCES = tuple(NATIVE / f for f in ("ffi_args.c", "read_pool.c", "ripple_reader.c",
+                                     "runtime_config.c", "flash_runtime.c", "registry.c"))
+HEADERS = tuple(NATIVE / f for f in ("ripple_native.h", "runtime_config.h"))
 LIB_NAME = "libripple_reader.so"
 BUILD_DIR = Path("build") / "native"
-ABI = 1                      # RIPPLE_ABI in the C file
+ABI = 2                      # RIPPLE_ABI in native/ripple_native.h
 # Module functions (load_module(lib)[name]) and the globals the library registers.
 PREPARE, PROBE, READ_EXTENTS = "ripple_storage_prepare", "ripple_storage_probe", "ripple_flash_read_extents"
 BIND, HOOK, STATS = "ripple_flash_bind", "ripple_flash_read", "ripple_flash_stats"
+RT_OPEN, RT_WHOLE, RT_FETCH = "ripple_rt_open", "ripple_rt_whole", "ripple_rt_fetch"
+RT_STATS, RT_CLOSE = "ripple_rt_stats", "ripple_rt_close"
 ABI_FN, GLOBALS_FN = "ripple_native_abi", "ripple_native_globals"
 GLOBALS = ("ripple.storage.prepare", "ripple.storage.probe", "ripple.flash.read_extents",
            "ripple.flash.bind", "ripple.flash.read", "ripple.flash.stats",
+           "ripple.rt.open", "ripple.rt.whole", "ripple.rt.fetch", "ripple.rt.stats", "ripple.rt.close",
            "ripple.native.abi", "ripple.native.globals")
 HOOK_GLOBAL = "ripple.flash.read"      # compile.graph.FLASH_READ; kept when already registered
 # What the android build may call: bionic's libc and libdl.
 BIONIC_CALLS = frozenset(
-    "__errno clock_gettime close dlopen dlsym free fsync lseek malloc memcpy memset open "
-    "posix_memalign pread pthread_cond_signal pthread_cond_wait qsort "
-    "pthread_create pthread_detach pthread_mutex_lock pthread_mutex_unlock rename snprintf "
-    "strcmp strcpy strerror strlen unlink vsnprintf write".split())
+    "__errno clock_gettime close dlopen dlsym free fsync lseek malloc memcmp memcpy memset open "
+    "posix_memalign pread pthread_cond_broadcast pthread_cond_signal pthread_cond_wait qsort "
+    "pthread_create pthread_detach pthread_join pthread_mutex_lock pthread_mutex_unlock rename "
+    "snprintf strcmp strcpy strerror strlen unlink vsnprintf write".split())
 
 _WARN = ["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared"]
 # Never unloaded (globals it registers point into it); its own symbols bind to itself (the
@@ -75,23 +83,26 @@ def compile_command(target_name: str, out: Path, stub_dir: Path | None = None) -
         cc = shutil.which("gcc") or shutil.which("cc")
         if cc is None:
             raise ToolchainError("no C compiler (gcc/cc) found: install gcc")
-        return [cc, *_WARN, "-pthread", inc, *_LINK, "-o", str(out), str(SOURCE), "-ldl"]
+        return [cc, *_WARN, "-pthread", inc, *_LINK, "-o", str(out), *map(str, SOURCES), "-ldl"]
     # Android 15 devices may use 16 KiB pages: align segments for them.
     android = [*_LINK, "-Wl,-z,max-page-size=16384", f"-Wl,-soname,{LIB_NAME}"]
     if linker.via == "ndk":
         clang = linker.compiler[:-2] if linker.compiler.endswith("++") else linker.compiler
-        return [clang, *_WARN, inc, *android, "-o", str(out), str(SOURCE), "-ldl"]
+        return [clang, *_WARN, inc, *android, "-o", str(out), *map(str, SOURCES), "-ldl"]
     stubs = _stubs(linker.compiler, stub_dir) if stub_dir else ["-L<stubs>", "-lc", "-ldl"]
     return [linker.compiler, *_WARN, "-nostdlib", "-mno-outline-atomics", "-fno-stack-protector",
             "-U_FORTIFY_SOURCE", "-DRIPPLE_BIONIC", inc, *android, "-Wl,--no-as-needed",
-            "-o", str(out), str(SOURCE), *stubs]
+            "-o", str(out), *map(str, SOURCES), *stubs]
 
 
 def build_reader(target_name: str = "host", build_dir: str | os.PathLike | None = None) -> Path:
-    """The reader library for `target_name` (built once per source and command)."""
+    """The native library for `target_name` (built once per sources and command)."""
     root = Path(build_dir) if build_dir is not None else BUILD_DIR
-    key = hashlib.blake2b(SOURCE.read_bytes() + " ".join(
-        compile_command(target_name, Path("OUT"))).encode(), digest_size=8).hexdigest()
+    h = hashlib.blake2b(digest_size=8)
+    for f in (*SOURCES, *HEADERS):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    h.update(" ".join(compile_command(target_name, Path("OUT"))).encode())
+    key = h.hexdigest()
     out = root / target_name / key / LIB_NAME
     if out.is_file():
         return out

@@ -75,7 +75,7 @@ class AppSession:
         self._rt["open"](str(self.dir / self.info["runtime_config"]))
         self.params = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in read_params(self.dir, self.info["params"])]
         exe = tvm.runtime.load_module(str(self.dir / self.info["library"]))
-        self.vm = relax.VirtualMachine(exe, tvm.cpu(), profile=False)
+        self.vm = relax.VirtualMachine(exe, tvm.cpu())
         self._prefill, self._decode = self.vm["prefill"], self.vm["decode"]
         self._stats = tvm.runtime.tensor(np.zeros(STATS, np.float64))
         self.o_direct = bool(self.stats()[O_DIRECT])

@@ -1,193 +1,23 @@
-/* The phone-side flash reader: O_DIRECT reads of a list of extents with a pool of pthreads
- * keeping `queue_depth` requests in flight, into a 4 KiB-aligned staging buffer; and the
+/* The phone-side flash reader: O_DIRECT reads of a list of extents with the pool of reader
+ * threads keeping `queue_depth` requests in flight, into a 4 KiB-aligned staging buffer; the
  * storage probe (one latency-table cell per call, Little's law), the same measurement
- * android_host/probe.py makes with runtime_py/reader.py on the host.
+ * android_host/probe.py makes with runtime_py/reader.py on the host; and the Python engine's
+ * flash hook in C (ripple.flash.bind / read / stats).
  *
- * A phone runs TVM's native RPC server, not Python, so this is what the host calls there.
- * Functions reach TVM two ways:
- *   - module functions: symbols __tvm_ffi_<name>, the C ABI TVM_FFI_DLL_EXPORT_TYPED_FUNC
- *     emits. `load_module(this .so)["ripple_flash_read_extents"]` finds them with no TVM
- *     symbol resolved at load time (a phone's RPC app does not export its runtime's symbols
- *     to the libraries it dlopens); errors go through the context symbol
- *     __TVMFFIErrorSetRaisedFromCStr, which TVM's loader fills in, as it does for kernels.
- *   - global functions (ripple.storage.prepare, ripple.storage.probe, ripple.flash.read_extents,
- *     ripple.flash.bind / read / stats: the Relax graph's flash hook, ripple.native.abi,
- *     ripple.native.globals), registered by a constructor when the TVM FFI symbols can be
- *     found in the process (dlsym; e.g. a server started with --load-library, or the RPC
- *     server's worker after load_module). ripple.native.globals() says how many were
- *     registered; a ripple.flash.read the process already has is kept.
- * No glibc-only calls: the android build links against bionic's libc/libdl (errno through
- * __errno(), see RIPPLE_BIONIC).
+ * A phone runs TVM's native RPC server, not Python, so this is what the host calls there
+ * (registry.c: how the functions reach TVM). The device's per-token runtime, which a compiled
+ * model calls with no host at all, is flash_runtime.c.
  */
 #define _GNU_SOURCE
-#include <dlfcn.h>
-#include <errno.h>
 #include <fcntl.h>
-#include <pthread.h>
-#include <stdarg.h>
-#include <stdatomic.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
-#include <tvm/ffi/c_api.h>
+#include "ripple_native.h"
 
-#if defined(RIPPLE_BIONIC) && !defined(__BIONIC__)
-/* Built with glibc's headers, linked against bionic: glibc's errno macro calls
- * __errno_location, which bionic does not have. */
-extern int* __errno(void);
-#define ERRNO (*__errno())
-#else
-#define ERRNO errno
-#endif
-
-#define RIPPLE_ABI 1
-#define ALIGN 4096
-#define PATH_CAP 4096
-#define EXPORT __attribute__((visibility("default")))
-
-/* ------------------------------------------------------------------ errors */
-
-typedef void (*set_error_fn)(const char* kind, const char* message);
-/* Filled in by TVM's library loader (a context symbol), or by the constructor via dlsym. */
-EXPORT set_error_fn __TVMFFIErrorSetRaisedFromCStr = NULL;
-
-static int fail(const char* kind, const char* fmt, ...) {
-  char msg[1024];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(msg, sizeof msg, fmt, ap);
-  va_end(ap);
-  if (__TVMFFIErrorSetRaisedFromCStr) __TVMFFIErrorSetRaisedFromCStr(kind, msg);
-  return -1;
-}
-
-/* ------------------------------------------------------------------ arguments */
-
-static int want_args(const char* fn, int32_t got, int32_t want) {
-  if (got == want) return 0;
-  return fail("TypeError", "%s: takes %d arguments, got %d", fn, want, got);
-}
-
-static int arg_int(const TVMFFIAny* a, int i, const char* fn, const char* name, int64_t* out) {
-  if (a[i].type_index == kTVMFFIInt || a[i].type_index == kTVMFFIBool) {
-    *out = a[i].v_int64;
-    return 0;
-  }
-  return fail("TypeError", "%s: argument %d (%s) must be an int (type index %d given)", fn, i, name,
-              a[i].type_index);
-}
-
-static int arg_float(const TVMFFIAny* a, int i, const char* fn, const char* name, double* out) {
-  if (a[i].type_index == kTVMFFIFloat) {
-    *out = a[i].v_float64;
-    return 0;
-  }
-  if (a[i].type_index == kTVMFFIInt) {
-    *out = (double)a[i].v_int64;
-    return 0;
-  }
-  return fail("TypeError", "%s: argument %d (%s) must be a number (type index %d given)", fn, i,
-              name, a[i].type_index);
-}
-
-static int arg_str(const TVMFFIAny* a, int i, const char* fn, const char* name, char* buf) {
-  const char* p = NULL;
-  size_t n = 0;
-  const TVMFFIByteArray* ba;
-  switch (a[i].type_index) {
-    case kTVMFFIRawStr:
-      p = a[i].v_c_str;
-      n = strlen(p);
-      break;
-    case kTVMFFISmallStr:
-      p = a[i].v_bytes;
-      n = a[i].small_str_len;
-      break;
-    case kTVMFFIByteArrayPtr:
-      ba = (const TVMFFIByteArray*)a[i].v_ptr;
-      p = ba->data;
-      n = ba->size;
-      break;
-    case kTVMFFIStr:
-      ba = (const TVMFFIByteArray*)((const char*)a[i].v_obj + sizeof(TVMFFIObject));
-      p = ba->data;
-      n = ba->size;
-      break;
-    default:
-      return fail("TypeError", "%s: argument %d (%s) must be a str (type index %d given)", fn, i,
-                  name, a[i].type_index);
-  }
-  if (n == 0 || n >= PATH_CAP)
-    return fail("ValueError", "%s: argument %d (%s): empty or longer than %d bytes", fn, i, name,
-                PATH_CAP - 1);
-  memcpy(buf, p, n);
-  buf[n] = 0;
-  return 0;
-}
-
-/* A CPU tensor, compact, of the given dtype code/bits (or None when allow_none). */
-static int arg_tensor(const TVMFFIAny* a, int i, const char* fn, const char* name, int code,
-                      int bits, int allow_none, DLTensor** out) {
-  DLTensor* t;
-  if (a[i].type_index == kTVMFFINone && allow_none) {
-    *out = NULL;
-    return 0;
-  }
-  if (a[i].type_index == kTVMFFIDLTensorPtr)
-    t = (DLTensor*)a[i].v_ptr;
-  else if (a[i].type_index == kTVMFFITensor)
-    t = (DLTensor*)((char*)a[i].v_obj + sizeof(TVMFFIObject));
-  else
-    return fail("TypeError", "%s: argument %d (%s) must be a tensor%s (type index %d given)", fn, i,
-                name, allow_none ? " or None" : "", a[i].type_index);
-  if (t->device.device_type != kDLCPU && t->device.device_type != kDLCUDAHost)
-    return fail("ValueError", "%s: %s must be on the CPU", fn, name);
-  if (t->dtype.code != code || t->dtype.bits != bits || t->dtype.lanes != 1)
-    return fail("TypeError", "%s: %s must be %s%d", fn, name,
-                code == kDLInt ? "int" : code == kDLUInt ? "uint" : "float", bits);
-  if (t->strides) {
-    int64_t expect = 1;
-    for (int d = t->ndim - 1; d >= 0; --d) {
-      if (t->shape[d] != 1 && t->strides[d] != expect)
-        return fail("ValueError", "%s: %s must be contiguous", fn, name);
-      expect *= t->shape[d];
-    }
-  }
-  *out = t;
-  return 0;
-}
-
-static int64_t numel(const DLTensor* t) {
-  int64_t n = 1;
-  for (int d = 0; d < t->ndim; ++d) n *= t->shape[d];
-  return n;
-}
-
-static void* tensor_data(const DLTensor* t) { return (char*)t->data + t->byte_offset; }
-
-static void ret_float(TVMFFIAny* r, double v) {
-  r->type_index = kTVMFFIFloat;
-  r->zero_padding = 0;
-  r->v_float64 = v;
-}
-
-static void ret_int(TVMFFIAny* r, int64_t v) {
-  r->type_index = kTVMFFIInt;
-  r->zero_padding = 0;
-  r->v_int64 = v;
-}
-
-/* ------------------------------------------------------------------ clock, random */
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
+/* ------------------------------------------------------------------ random */
 
 static uint64_t xorshift(uint64_t* s) {  /* xorshift64* */
   uint64_t x = *s;
@@ -250,121 +80,10 @@ static int staging(const char* fn, int64_t nbytes, char** out) {
   return 0;
 }
 
-/* ------------------------------------------------------------------ the thread pool */
+/* ------------------------------------------------------------------ the probe */
 
-typedef struct job job_t;
-struct job {
-  void (*run)(job_t*, int idx);
-  int nthreads;
-  int fd;
-  char* buf;
-  /* read_extents */
-  const int64_t* ext;
-  const int64_t* starts;
-  int64_t m;
-  /* probe */
-  int64_t size, slots;
-  double deadline;
-  uint64_t seed;
-  int sequential;
-  /* shared progress */
-  atomic_llong next;
-  atomic_llong count;
-  atomic_int failed;
-  int err;
-  int64_t err_off, err_len, err_got;
-};
-
-static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t pool_go = PTHREAD_COND_INITIALIZER;
-static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;
-static int pool_threads = 0;  /* helpers; the calling thread is participant 0 */
-static job_t* pool_job = NULL;
-static int pool_tickets = 0;  /* helper places of the current job not yet taken */
-static int pool_pending = 0;  /* helper places not yet finished */
-
-/* A helper takes a place (a ticket) in the posted job; only as many helpers as the job has
- * places are woken, so a job of 3 reads does not wake a pool grown to 32 threads for another. */
-static void* pool_worker(void* arg) {
-  (void)arg;
-  pthread_mutex_lock(&pool_mu);
-  for (;;) {
-    while (pool_tickets == 0) pthread_cond_wait(&pool_go, &pool_mu);
-    job_t* j = pool_job;
-    int idx = j->nthreads - pool_tickets--;
-    pthread_mutex_unlock(&pool_mu);
-    j->run(j, idx);
-    pthread_mutex_lock(&pool_mu);
-    if (--pool_pending == 0) pthread_cond_signal(&pool_done);
-  }
-  return NULL;
-}
-
-/* Runs j on j->nthreads participants (this thread and nthreads - 1 helpers); returns the
- * wall seconds from the start signal to the last participant's end. */
-static int pool_run(const char* fn, job_t* j, double* seconds) {
-  pthread_mutex_lock(&pool_mu);
-  while (pool_threads < j->nthreads - 1) {
-    pthread_t th;
-    int e = pthread_create(&th, NULL, pool_worker, NULL);
-    if (e != 0) {
-      pthread_mutex_unlock(&pool_mu);
-      return fail("RuntimeError", "%s: cannot start reader thread %d: %s", fn, pool_threads + 1,
-                  strerror(e));
-    }
-    pthread_detach(th);
-    pool_threads++;
-  }
-  double t0 = now_s();
-  pool_job = j;
-  pool_tickets = pool_pending = j->nthreads - 1;
-  for (int i = 1; i < j->nthreads; ++i) pthread_cond_signal(&pool_go);
-  pthread_mutex_unlock(&pool_mu);
-  j->run(j, 0);
-  pthread_mutex_lock(&pool_mu);
-  while (pool_pending > 0) pthread_cond_wait(&pool_done, &pool_mu);
-  pthread_mutex_unlock(&pool_mu);
-  *seconds = now_s() - t0;
-  return 0;
-}
-
-static void record_error(job_t* j, int err, int64_t off, int64_t len, int64_t got) {
-  int expected = 0;
-  if (atomic_compare_exchange_strong(&j->failed, &expected, 1)) {
-    j->err = err;
-    j->err_off = off;
-    j->err_len = len;
-    j->err_got = got;
-  }
-}
-
-/* Reads len bytes at off into dst completely; 0, or -1 after recording the error. */
-static int read_full(job_t* j, char* dst, int64_t off, int64_t len) {
-  int64_t got = 0;
-  while (got < len) {
-    ssize_t k = pread(j->fd, dst + got, (size_t)(len - got), (off_t)(off + got));
-    if (k < 0) {
-      if (ERRNO == EINTR) continue;
-      record_error(j, ERRNO, off, len, got);
-      return -1;
-    }
-    if (k == 0) {
-      record_error(j, 0, off, len, got);
-      return -1;
-    }
-    got += k;
-  }
-  return 0;
-}
-
-static void run_read(job_t* j, int idx) {
-  (void)idx;
-  for (;;) {
-    int64_t i = atomic_fetch_add(&j->next, 1);
-    if (i >= j->m || atomic_load(&j->failed)) return;
-    if (read_full(j, j->buf + j->starts[i], j->ext[2 * i], j->ext[2 * i + 1]) != 0) return;
-  }
-}
+/* The readers' pool; calls are serialised by call_mu. */
+static pool_t pool = POOL_INIT;
 
 static void run_probe(job_t* j, int idx) {
   uint64_t s = (j->seed + 1) * 0x9E3779B97F4A7C15ULL + (uint64_t)idx * 0xBF58476D1CE4E5B9ULL + 1;
@@ -377,15 +96,6 @@ static void run_probe(job_t* j, int idx) {
     n++;
   }
   atomic_fetch_add(&j->count, n);
-}
-
-static int job_error(const char* fn, const char* path, const job_t* j) {
-  if (j->err == 0)
-    return fail("RuntimeError", "%s: %s: short read at offset %lld (%lld of %lld bytes); is the "
-                "file truncated?", fn, path, (long long)(j->err_off + j->err_got),
-                (long long)j->err_got, (long long)j->err_len);
-  return fail("RuntimeError", "%s: %s: read of %lld bytes at offset %lld failed: %s", fn, path,
-              (long long)j->err_len, (long long)j->err_off, strerror(j->err));
 }
 
 static int64_t file_bytes(int fd) { return (int64_t)lseek(fd, 0, SEEK_END); }
@@ -492,7 +202,7 @@ EXPORT int __tvm_ffi_ripple_storage_probe(void* self, const TVMFFIAny* args, int
       j.sequential = sequential != 0;
       j.deadline = now_s() + seconds;
       double el;
-      if (pool_run(fn, &j, &el) == 0) {
+      if (pool_run(fn, &pool, &j, &el) == 0) {
         long long count = atomic_load(&j.count);
         if (atomic_load(&j.failed)) {
           job_error(fn, path, &j);
@@ -561,7 +271,7 @@ EXPORT int __tvm_ffi_ripple_flash_read_extents(void* self, const TVMFFIAny* args
     j.ext = e;
     j.starts = starts;
     j.m = m;
-    if (m == 0 || pool_run(fn, &j, &el) == 0) {
+    if (m == 0 || pool_run(fn, &pool, &j, &el) == 0) {
       if (atomic_load(&j.failed)) {
         job_error(fn, path, &j);
       } else {
@@ -736,7 +446,7 @@ EXPORT int __tvm_ffi_ripple_flash_read(void* self, const TVMFFIAny* args, int32_
   j.ext = ext;
   j.starts = starts;
   j.m = m;
-  if (m > 0 && pool_run(fn, &j, &el) != 0) goto done;
+  if (m > 0 && pool_run(fn, &pool, &j, &el) != 0) goto done;
   if (atomic_load(&j.failed)) {
     job_error(fn, hook.path, &j);
     goto done;
@@ -780,81 +490,4 @@ EXPORT int __tvm_ffi_ripple_flash_stats(void* self, const TVMFFIAny* args, int32
   o[3] = (double)hook.calls;
   pthread_mutex_unlock(&call_mu);
   return 0;
-}
-
-EXPORT int __tvm_ffi_ripple_native_abi(void* self, const TVMFFIAny* args, int32_t n,
-                                       TVMFFIAny* result) {
-  (void)self;
-  (void)args;
-  if (want_args("ripple.native.abi", n, 0)) return -1;
-  ret_int(result, RIPPLE_ABI);
-  return 0;
-}
-
-static int globals_registered = 0;
-
-EXPORT int __tvm_ffi_ripple_native_globals(void* self, const TVMFFIAny* args, int32_t n,
-                                           TVMFFIAny* result) {
-  (void)self;
-  (void)args;
-  if (want_args("ripple.native.globals", n, 0)) return -1;
-  ret_int(result, globals_registered);
-  return 0;
-}
-
-/* ------------------------------------------------------------------ global registration */
-
-static const struct {
-  const char* name;
-  TVMFFISafeCallType fn;
-} GLOBALS[] = {
-    {"ripple.storage.prepare", __tvm_ffi_ripple_storage_prepare},
-    {"ripple.storage.probe", __tvm_ffi_ripple_storage_probe},
-    {"ripple.flash.read_extents", __tvm_ffi_ripple_flash_read_extents},
-    {"ripple.flash.bind", __tvm_ffi_ripple_flash_bind},
-    {"ripple.flash.read", __tvm_ffi_ripple_flash_read},
-    {"ripple.flash.stats", __tvm_ffi_ripple_flash_stats},
-    {"ripple.native.abi", __tvm_ffi_ripple_native_abi},
-    {"ripple.native.globals", __tvm_ffi_ripple_native_globals},
-};
-/* A hook its host already registered (the Python engine's FlashHook) is kept. */
-static const char* KEEP_EXISTING = "ripple.flash.read";
-
-/* Where a process may keep the TVM FFI: exported to everyone (a Python process), or in a
- * library already loaded under one of these names (looked up without loading it). */
-static const char* FFI_LIBS[] = {"libtvm_ffi.so", "libtvm_runtime.so", "libtvm4j_runtime_packed.so"};
-
-static void* ffi_symbol(const char* name) {
-  void* p = dlsym(RTLD_DEFAULT, name);
-  for (size_t i = 0; !p && i < sizeof FFI_LIBS / sizeof *FFI_LIBS; ++i) {
-    void* h = dlopen(FFI_LIBS[i], RTLD_LAZY | RTLD_NOLOAD);
-    if (h) p = dlsym(h, name);
-  }
-  return p;
-}
-
-typedef int (*get_global_fn)(const TVMFFIByteArray*, TVMFFIObjectHandle*);
-typedef int (*create_fn)(void*, TVMFFISafeCallType, void (*)(void*), TVMFFIObjectHandle*);
-typedef int (*set_global_fn)(const TVMFFIByteArray*, TVMFFIObjectHandle, int);
-typedef int (*dec_ref_fn)(TVMFFIObjectHandle);
-
-__attribute__((constructor)) static void register_globals(void) {
-  if (!__TVMFFIErrorSetRaisedFromCStr)
-    __TVMFFIErrorSetRaisedFromCStr = (set_error_fn)ffi_symbol("TVMFFIErrorSetRaisedFromCStr");
-  create_fn create = (create_fn)ffi_symbol("TVMFFIFunctionCreate");
-  set_global_fn set_global = (set_global_fn)ffi_symbol("TVMFFIFunctionSetGlobal");
-  dec_ref_fn dec_ref = (dec_ref_fn)ffi_symbol("TVMFFIObjectDecRef");
-  get_global_fn get_global = (get_global_fn)ffi_symbol("TVMFFIFunctionGetGlobal");
-  if (!create || !set_global || !dec_ref || !get_global) return;
-  for (size_t i = 0; i < sizeof GLOBALS / sizeof *GLOBALS; ++i) {
-    TVMFFIObjectHandle f = NULL;
-    TVMFFIByteArray name = {GLOBALS[i].name, strlen(GLOBALS[i].name)};
-    if (strcmp(GLOBALS[i].name, KEEP_EXISTING) == 0 && get_global(&name, &f) == 0 && f) {
-      dec_ref(f);
-      continue;
-    }
-    if (create(NULL, GLOBALS[i].fn, NULL, &f) != 0) continue;
-    if (set_global(&name, f, 1) == 0) globals_registered++;
-    dec_ref(f);
-  }
 }

@@ -1,0 +1,584 @@
+/* The device's flash runtime: what a compiled Relax model calls, per layer and per token, to
+ * get its FFN weights from flash with no Python and no host.
+ *
+ *   ripple.rt.open(config_path) -> 0        read the config (compile/runtime_config.py), open
+ *                                           the flash files, read what is pinned into DRAM,
+ *                                           start the read-ahead thread
+ *   ripple.rt.whole(layer) -> uint8 (B,)    a layer read whole: its extent of whole.rflash
+ *   ripple.rt.fetch(layer, logits (T, n) float32) -> (k, cols)
+ *                                           the bundles of the neurons some row predicts active
+ *   ripple.rt.stats(out (16,) float64)      counters since open (see rt_stats below)
+ *   ripple.rt.close()                       stop the threads, free everything
+ *
+ * Returned tensors are views of the runtime's memory, not copies: a fetch view lives until the
+ * next fetch; a whole view of a read-ahead layer until the next whole() call of a read-ahead
+ * layer (read_ahead + 1 buffers: that call issues a read into the buffer of the one before),
+ * of a pinned layer until close. A second open, or close, frees them all.
+ *
+ * Whole layers are read `read_ahead` layers early, in cyclic order (after the last layer comes
+ * layer 0 of the next token), by one background thread driving its own pool at queue_depth, so
+ * the reads hide behind the compute of the layers between (LLM in a flash, Sec. 3.3: a phone's
+ * flash reaches its bandwidth only with requests in flight). Sparse layers are read on the
+ * caller's thread when the predictor's logits are known: runs of active slots, widened to the
+ * alignment, neighbours closer than collapse_gap_bytes read as one (Ripple's access collapse:
+ * one larger request costs less than two small ones), cut to max_request_bytes, all in flight
+ * together.
+ */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ripple_native.h"
+#include "runtime_config.h"
+
+enum { IDLE = 0, READING = 1, DONE = 2, FAILED = 3 };   /* a read-ahead buffer */
+
+typedef struct {
+  int state;
+  int64_t layer;
+  char err[1024];
+} ahead_t;
+
+/* Counters, as ripple.rt.stats hands them out. */
+enum {
+  ST_IO_WAIT, ST_READ_SECONDS, ST_BYTES_READ, ST_BYTES_NEEDED, ST_REQUESTS, ST_ACTIVE, ST_HITS,
+  ST_FETCHES, ST_WHOLES, ST_PINNED_BYTES, ST_BUFFER_BYTES, ST_O_DIRECT, ST_LAYERS, ST_COUNT = 16
+};
+
+static struct {
+  int open;                /* a runtime is open */
+  int opened_once;         /* its counters exist (they outlive close) */
+  rt_config_t cfg;
+  int bfd, wfd;
+  int64_t stage_cap, max_reqs, wreqs, piece;
+  /* DRAM held from open to close */
+  char** pinned_whole;     /* (L,) a pinned whole layer's extent, else NULL */
+  char** pinned_rows;      /* (L,) a layer's pinned bundles in slot order, else NULL */
+  int32_t* pin_row;        /* (L, n) row of neuron i in pinned_rows[l], or -1 */
+  /* fetch's buffers (caller's thread) */
+  char* gather;            /* (n, bundle_bytes): fetch's result */
+  char* stage;             /* what the reads land in */
+  uint8_t *act, *mark;     /* (n,) active neurons, marked slots */
+  int64_t *run_lo, *run_len, *run_ext, *ext_off, *ext_start, *req, *req_start;
+  /* read-ahead: positions p = 0, 1, ... of the cyclic stream of whole layers not pinned; p is
+   * read into buffer p % nbuf. The thread reads done_upto .. issued - 1 in order. */
+  int64_t *stream, *stream_idx, stream_len, nbuf;
+  char** ahead_buf;
+  ahead_t* ahead;
+  int64_t issued, done_upto, consumed;
+  int started, reading, quit, thread_started;
+  pthread_t thread;
+  int64_t *wreq, *wreq_start;  /* the thread's requests of one whole layer */
+  double st[ST_COUNT];     /* under ra_mu */
+} rt = {.bfd = -1, .wfd = -1};
+
+static pthread_mutex_t rt_mu = PTHREAD_MUTEX_INITIALIZER;  /* one call at a time */
+static pthread_mutex_t ra_mu = PTHREAD_MUTEX_INITIALIZER;  /* read-ahead state, counters */
+static pthread_cond_t ra_work = PTHREAD_COND_INITIALIZER;  /* the thread has positions to read */
+static pthread_cond_t ra_done = PTHREAD_COND_INITIALIZER;  /* a position was read */
+static pool_t fetch_pool = POOL_INIT, ahead_pool = POOL_INIT;
+
+static const char* NO_RUNTIME = "no runtime is open; call ripple.rt.open(config_path) first";
+
+/* ------------------------------------------------------------------ reads */
+
+typedef struct {
+  double seconds;
+  int64_t bytes, requests;
+} io_t;
+
+static void run_nothing(job_t* j, int idx) {
+  (void)j;
+  (void)idx;
+}
+
+/* Starts a pool's helpers now: a thread that cannot start is an error of open, not of a token. */
+static int warm(const char* fn, pool_t* p, int64_t nthreads) {
+  job_t j;
+  double el;
+  memset(&j, 0, sizeof j);
+  j.run = run_nothing;
+  j.nthreads = (int)nthreads;
+  return pool_run(fn, p, &j, &el);
+}
+
+/* A whole layer's extent as requests of at most max_request_bytes, laid out back to back. */
+static void whole_requests(int64_t layer, int64_t* req, int64_t* starts) {
+  int64_t off = rt.cfg.whole_offsets[layer], wlb = rt.cfg.whole_layer_bytes;
+  for (int64_t r = 0; r < rt.wreqs; ++r) {
+    int64_t at = r * rt.piece;
+    req[2 * r] = off + at;
+    req[2 * r + 1] = wlb - at < rt.piece ? wlb - at : rt.piece;
+    starts[r] = at;
+  }
+}
+
+static void read_job(job_t* j, int fd, char* buf, const int64_t* req, const int64_t* starts,
+                     int64_t m) {
+  memset(j, 0, sizeof *j);
+  j->run = run_read;
+  j->nthreads = (int)(rt.cfg.queue_depth < m ? rt.cfg.queue_depth : (m > 0 ? m : 1));
+  j->fd = fd;
+  j->buf = buf;
+  j->ext = req;
+  j->starts = starts;
+  j->m = m;
+}
+
+/* Reads the bundles of the marked slots of `layer` (mark[s] != 0) in slot order into dst, one
+ * bundle a row; *rows = how many. Runs of slots become aligned ranges, neighbours at most
+ * collapse_gap_bytes apart (or touching, or sharing a block) one extent, extents cut into
+ * requests of max_request_bytes, all in flight together on the fetch pool. */
+static int read_marked(const char* fn, int64_t layer, const uint8_t* mark, char* dst, int64_t* rows,
+                       io_t* io) {
+  const rt_config_t* c = &rt.cfg;
+  const int64_t n = c->n, bb = c->bundle_bytes, a = c->alignment, base = c->region_offsets[layer];
+  int64_t m = 0, runs = 0, total = 0, nreq = 0;
+  for (int64_t s = 0; s < n;) {
+    if (!mark[s]) {
+      ++s;
+      continue;
+    }
+    int64_t e = s + 1;
+    while (e < n && mark[e]) ++e;
+    int64_t lo = base + s * bb, hi = base + e * bb, alo = lo / a * a, ahi = align_up(hi, a);
+    if (m > 0 && alo - (rt.ext_off[m - 1] + rt.ext_start[m - 1]) <= c->collapse_gap_bytes) {
+      /* ext_start holds each extent's length until the layout below */
+      int64_t end = rt.ext_off[m - 1] + rt.ext_start[m - 1];
+      if (ahi > end) rt.ext_start[m - 1] = ahi - rt.ext_off[m - 1];
+    } else {
+      rt.ext_off[m] = alo;
+      rt.ext_start[m] = ahi - alo;
+      ++m;
+    }
+    rt.run_lo[runs] = lo;
+    rt.run_len[runs] = hi - lo;
+    rt.run_ext[runs] = m - 1;
+    ++runs;
+    s = e;
+  }
+  for (int64_t e = 0; e < m; ++e) {
+    int64_t len = rt.ext_start[e];
+    rt.ext_start[e] = total;
+    for (int64_t at = 0; at < len; at += rt.piece) {
+      if (nreq == rt.max_reqs)
+        return fail("RuntimeError", "%s: layer %lld needs more than %lld requests (internal bound)",
+                    fn, (long long)layer, (long long)rt.max_reqs);
+      rt.req[2 * nreq] = rt.ext_off[e] + at;
+      rt.req[2 * nreq + 1] = len - at < rt.piece ? len - at : rt.piece;
+      rt.req_start[nreq] = total + at;
+      ++nreq;
+    }
+    total += len;
+  }
+  if (total > rt.stage_cap)
+    return fail("RuntimeError", "%s: layer %lld needs %lld bytes read, the buffer holds %lld "
+                "(internal bound)", fn, (long long)layer, (long long)total, (long long)rt.stage_cap);
+  job_t j;
+  double el = 0;
+  read_job(&j, rt.bfd, rt.stage, rt.req, rt.req_start, nreq);
+  if (nreq > 0 && pool_run(fn, &fetch_pool, &j, &el) != 0) return -1;
+  if (atomic_load(&j.failed)) return job_error(fn, c->bundles_path, &j);
+  char* out = dst;
+  for (int64_t r = 0; r < runs; ++r) {
+    int64_t e = rt.run_ext[r];
+    memcpy(out, rt.stage + rt.ext_start[e] + (rt.run_lo[r] - rt.ext_off[e]), (size_t)rt.run_len[r]);
+    out += rt.run_len[r];
+  }
+  *rows = (out - dst) / bb;
+  io->seconds += el;
+  io->bytes += total;
+  io->requests += nreq;
+  return 0;
+}
+
+/* ------------------------------------------------------------------ read-ahead */
+
+static void* ahead_thread(void* arg) {
+  static const char* fn = "ripple.rt.whole (read-ahead)";
+  (void)arg;
+  pthread_mutex_lock(&ra_mu);
+  for (;;) {
+    while (!rt.quit && rt.done_upto == rt.issued) pthread_cond_wait(&ra_work, &ra_mu);
+    if (rt.quit) break;
+    int64_t pos = rt.done_upto, layer = rt.stream[pos % rt.stream_len];
+    ahead_t* a = &rt.ahead[pos % rt.nbuf];
+    char* buf = rt.ahead_buf[pos % rt.nbuf];
+    a->state = READING;
+    a->layer = layer;
+    rt.reading = 1;
+    pthread_mutex_unlock(&ra_mu);
+    whole_requests(layer, rt.wreq, rt.wreq_start);
+    job_t j;
+    double el = 0;
+    read_job(&j, rt.wfd, buf, rt.wreq, rt.wreq_start, rt.wreqs);
+    int rc = pool_run(fn, &ahead_pool, &j, &el);
+    pthread_mutex_lock(&ra_mu);
+    if (rc != 0) {
+      a->state = FAILED;
+      strcpy(a->err, "ripple.rt.whole: the read-ahead thread could not start its reader threads");
+    } else if (atomic_load(&j.failed)) {
+      a->state = FAILED;
+      job_message(a->err, sizeof a->err, "ripple.rt.whole", rt.cfg.whole_path, &j);
+    } else {
+      a->state = DONE;
+      rt.st[ST_BYTES_READ] += (double)rt.cfg.whole_layer_bytes;
+      rt.st[ST_REQUESTS] += (double)rt.wreqs;
+    }
+    rt.st[ST_READ_SECONDS] += el;
+    rt.reading = 0;
+    rt.done_upto = pos + 1;
+    pthread_cond_broadcast(&ra_done);
+  }
+  pthread_mutex_unlock(&ra_mu);
+  return NULL;
+}
+
+/* Called with ra_mu held: the next position is `layer`'s (stream index idx). Reads queued
+ * but not started are dropped, the one being read is waited for, and the stream restarts at
+ * the first position >= every one issued whose layer is `layer`. */
+static void restart_stream(int64_t idx) {
+  rt.issued = rt.reading ? rt.done_upto + 1 : rt.done_upto;
+  while (rt.done_upto < rt.issued) pthread_cond_wait(&ra_done, &ra_mu);
+  int64_t m = rt.stream_len, p = rt.issued;
+  p += ((idx - p % m) % m + m) % m;
+  rt.issued = rt.done_upto = rt.consumed = p;
+  rt.started = 1;
+}
+
+/* ------------------------------------------------------------------ open and close */
+
+static void teardown(void) {
+  if (rt.thread_started) {
+    pthread_mutex_lock(&ra_mu);
+    rt.quit = 1;
+    pthread_cond_broadcast(&ra_work);
+    pthread_mutex_unlock(&ra_mu);
+    pthread_join(rt.thread, NULL);
+  }
+  pool_stop(&ahead_pool);
+  pool_stop(&fetch_pool);
+  if (rt.bfd >= 0) close(rt.bfd);
+  if (rt.wfd >= 0) close(rt.wfd);
+  for (int64_t l = 0; l < rt.cfg.n_layers; ++l) {
+    if (rt.pinned_whole) free(rt.pinned_whole[l]);
+    if (rt.pinned_rows) free(rt.pinned_rows[l]);
+  }
+  for (int64_t b = 0; rt.ahead_buf && b < rt.nbuf; ++b) free(rt.ahead_buf[b]);
+  void* owned[] = {rt.pinned_whole, rt.pinned_rows, rt.pin_row, rt.gather, rt.stage, rt.act,
+                   rt.mark, rt.run_lo, rt.run_len, rt.run_ext, rt.ext_off, rt.ext_start, rt.req,
+                   rt.req_start, rt.stream, rt.stream_idx, rt.ahead_buf, rt.ahead, rt.wreq,
+                   rt.wreq_start};
+  for (size_t i = 0; i < sizeof owned / sizeof *owned; ++i) free(owned[i]);
+  rt_config_free(&rt.cfg);
+  double st[ST_COUNT];
+  memcpy(st, rt.st, sizeof st);
+  int once = rt.opened_once;
+  memset(&rt, 0, sizeof rt);
+  memcpy(rt.st, st, sizeof st);  /* the counters outlive close */
+  rt.opened_once = once;
+  rt.bfd = rt.wfd = -1;
+}
+
+static int alloc(const char* fn, void* out, int64_t bytes, int aligned) {
+  void* p = NULL;
+  size_t size = (size_t)(bytes > 0 ? align_up(bytes, aligned ? ALIGN : 8) : 8);
+  if (aligned ? posix_memalign(&p, ALIGN, size) != 0 : (p = malloc(size)) == NULL)
+    return fail("RuntimeError", "%s: cannot allocate %lld bytes", fn, (long long)size);
+  memset(p, 0, size);  /* first-touch faults now, not while a token waits */
+  *(void**)out = p;
+  return 0;
+}
+
+static int open_flash(const char* fn, const char* path, int o_direct, int* fd) {
+  *fd = open(path, O_RDONLY | O_CLOEXEC | (o_direct ? O_DIRECT : 0));
+  if (*fd >= 0) return 0;
+  int e = ERRNO;
+  if (e == EINVAL && o_direct)
+    return fail("RuntimeError", "%s: %s: O_DIRECT is refused on this file system; put the file on "
+                "the device's flash, or write the config with o_direct=False to read it buffered",
+                fn, path);
+  return fail("RuntimeError", "%s: %s: open failed: %s", fn, path, strerror(e));
+}
+
+static int check_extent(const char* fn, const char* path, int fd, int64_t layer, int64_t end,
+                        const char* what) {
+  int64_t size = (int64_t)lseek(fd, 0, SEEK_END);
+  if (end <= size) return 0;
+  return fail("RuntimeError", "%s: %s holds %lld bytes, layer %lld's %s ends at %lld; the file is "
+              "truncated or not the one the config was written for", fn, path, (long long)size,
+              (long long)layer, what, (long long)end);
+}
+
+static int open_runtime(const char* fn, const char* path) {
+  rt_config_t* c = &rt.cfg;
+  if (rt_config_read(fn, path, c) != 0) return -1;
+  const int64_t L = c->n_layers, n = c->n, bb = c->bundle_bytes;
+  if (open_flash(fn, c->bundles_path, (int)c->o_direct, &rt.bfd) != 0) return -1;
+  if (c->whole_path[0] && open_flash(fn, c->whole_path, (int)c->o_direct, &rt.wfd) != 0) return -1;
+  for (int64_t l = 0; l < L; ++l) {
+    if (c->layer_mode[l] == 0 &&
+        check_extent(fn, c->bundles_path, rt.bfd, l, c->region_offsets[l] + align_up(n * bb, c->alignment),
+                     "region") != 0)
+      return -1;
+    if (c->layer_mode[l] == 1 &&
+        check_extent(fn, c->whole_path, rt.wfd, l, c->whole_offsets[l] + c->whole_layer_bytes,
+                     "whole extent") != 0)
+      return -1;
+  }
+  /* A layer's extents never leave [region, region + n*bb rounded up): the region starts aligned. */
+  rt.stage_cap = align_up(n * bb, c->alignment);
+  rt.piece = c->max_request_bytes > 0 ? c->max_request_bytes : ((int64_t)1 << 62);
+  rt.max_reqs = n + (c->max_request_bytes > 0 ? rt.stage_cap / c->max_request_bytes : 0) + 1;
+  int64_t z = (int64_t)sizeof(int64_t);
+  if (alloc(fn, &rt.gather, n * bb, 1) || alloc(fn, &rt.stage, rt.stage_cap, 1) ||
+      alloc(fn, &rt.act, n, 0) || alloc(fn, &rt.mark, n, 0) || alloc(fn, &rt.run_lo, n * z, 0) ||
+      alloc(fn, &rt.run_len, n * z, 0) || alloc(fn, &rt.run_ext, n * z, 0) ||
+      alloc(fn, &rt.ext_off, n * z, 0) || alloc(fn, &rt.ext_start, n * z, 0) ||
+      alloc(fn, &rt.req, 2 * rt.max_reqs * z, 0) || alloc(fn, &rt.req_start, rt.max_reqs * z, 0) ||
+      alloc(fn, &rt.pinned_whole, L * z, 0) || alloc(fn, &rt.pinned_rows, L * z, 0) ||
+      alloc(fn, &rt.pin_row, L * n * 4, 0) || alloc(fn, &rt.stream, L * z, 0) ||
+      alloc(fn, &rt.stream_idx, L * z, 0))
+    return -1;
+  if (warm(fn, &fetch_pool, c->queue_depth) != 0) return -1;
+  double pinned = 0;
+  io_t uncounted = {0, 0, 0};  /* reads at open are not a token's */
+  /* pinned bundles: read once, in slot order; pin_row says where each neuron's row is */
+  memset(rt.pin_row, 0xff, (size_t)(L * n * 4));
+  const int32_t* ids = c->pinned_ids;
+  for (int64_t l = 0; l < L; ids += c->pinned_counts[l], ++l) {
+    int64_t pc = c->pinned_counts[l], rows = 0;
+    if (pc == 0) continue;
+    const int32_t* so = c->slot_of + l * n;
+    memset(rt.mark, 0, (size_t)n);
+    for (int64_t i = 0; i < pc; ++i) rt.mark[so[ids[i]]] = 1;
+    if (alloc(fn, &rt.pinned_rows[l], pc * bb, 1) ||
+        read_marked(fn, l, rt.mark, rt.pinned_rows[l], &rows, &uncounted))
+      return -1;
+    int32_t* row_of_slot = (int32_t*)rt.run_len;  /* scratch: n int64 hold n int32 */
+    for (int64_t s = 0, r = 0; s < n; ++s) row_of_slot[s] = rt.mark[s] ? (int32_t)r++ : -1;
+    for (int64_t i = 0; i < pc; ++i) rt.pin_row[l * n + ids[i]] = row_of_slot[so[ids[i]]];
+    pinned += (double)(pc * bb);
+  }
+  /* whole layers: pinned ones read now; the others form the read-ahead stream */
+  int64_t wlb = c->whole_layer_bytes;
+  rt.wreqs = wlb > 0 ? (wlb + rt.piece - 1) / rt.piece : 0;
+  if (alloc(fn, &rt.wreq, 2 * rt.wreqs * z, 0) || alloc(fn, &rt.wreq_start, rt.wreqs * z, 0)) return -1;
+  for (int64_t l = 0; l < L; ++l) {
+    rt.stream_idx[l] = -1;
+    if (c->layer_mode[l] != 1) continue;
+    if (!c->pinned_layers[l]) {
+      rt.stream_idx[l] = rt.stream_len;
+      rt.stream[rt.stream_len++] = l;
+      continue;
+    }
+    job_t j;
+    double el;
+    if (alloc(fn, &rt.pinned_whole[l], wlb, 1)) return -1;
+    whole_requests(l, rt.wreq, rt.wreq_start);
+    read_job(&j, rt.wfd, rt.pinned_whole[l], rt.wreq, rt.wreq_start, rt.wreqs);
+    if (pool_run(fn, &fetch_pool, &j, &el) != 0) return -1;
+    if (atomic_load(&j.failed)) return job_error(fn, c->whole_path, &j);
+    pinned += (double)wlb;
+  }
+  double buffers = (double)(n * bb + rt.stage_cap);
+  if (rt.stream_len > 0) {
+    rt.nbuf = c->read_ahead + 1;
+    if (alloc(fn, &rt.ahead_buf, rt.nbuf * z, 0) ||
+        alloc(fn, &rt.ahead, rt.nbuf * (int64_t)sizeof(ahead_t), 0))
+      return -1;
+    for (int64_t b = 0; b < rt.nbuf; ++b)
+      if (alloc(fn, &rt.ahead_buf[b], wlb, 1)) return -1;
+    buffers += (double)(rt.nbuf * wlb);
+    if (warm(fn, &ahead_pool, c->queue_depth) != 0) return -1;
+    int e = pthread_create(&rt.thread, NULL, ahead_thread, NULL);
+    if (e != 0) return fail("RuntimeError", "%s: cannot start the read-ahead thread: %s", fn, strerror(e));
+    rt.thread_started = 1;
+  }
+  memset(rt.st, 0, sizeof rt.st);
+  rt.st[ST_PINNED_BYTES] = pinned;
+  rt.st[ST_BUFFER_BYTES] = buffers;
+  rt.st[ST_O_DIRECT] = (double)c->o_direct;
+  rt.st[ST_LAYERS] = (double)L;
+  rt.open = rt.opened_once = 1;
+  return 0;
+}
+
+/* ------------------------------------------------------------------ exported functions */
+
+EXPORT int __tvm_ffi_ripple_rt_open(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  static const char* fn = "ripple.rt.open";
+  char path[PATH_CAP];
+  (void)self;
+  if (want_args(fn, n, 1) || arg_str(args, 0, fn, "config_path", path)) return -1;
+  pthread_mutex_lock(&rt_mu);
+  teardown();
+  int rc = open_runtime(fn, path);
+  if (rc != 0) teardown();
+  pthread_mutex_unlock(&rt_mu);
+  if (rc == 0) ret_int(result, 0);
+  return rc;
+}
+
+static int check_layer(const char* fn, int64_t layer, int want_mode) {
+  if (!rt.open) return fail("RuntimeError", "%s: %s", fn, NO_RUNTIME);
+  if (layer < 0 || layer >= rt.cfg.n_layers)
+    return fail("ValueError", "%s: layer %lld outside 0..%lld", fn, (long long)layer,
+                (long long)rt.cfg.n_layers - 1);
+  if (rt.cfg.layer_mode[layer] != want_mode)
+    return fail("ValueError", want_mode ? "%s: layer %lld is sparse (layer_mode 0); call ripple.rt.fetch"
+                                        : "%s: layer %lld is read whole (layer_mode 1); call ripple.rt.whole",
+                fn, (long long)layer);
+  return 0;
+}
+
+EXPORT int __tvm_ffi_ripple_rt_whole(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  static const char* fn = "ripple.rt.whole";
+  int64_t layer = 0;
+  (void)self;
+  if (want_args(fn, n, 1) || arg_int(args, 0, fn, "layer", &layer)) return -1;
+  pthread_mutex_lock(&rt_mu);
+  if (check_layer(fn, layer, 1) != 0) {
+    pthread_mutex_unlock(&rt_mu);
+    return -1;
+  }
+  const int64_t wlb = rt.cfg.whole_layer_bytes;
+  char* data = rt.pinned_whole[layer];
+  char err[1024] = "";
+  double waited = 0;
+  pthread_mutex_lock(&ra_mu);
+  if (!data) {
+    int64_t idx = rt.stream_idx[layer];
+    if (!rt.started || rt.stream[rt.consumed % rt.stream_len] != layer) restart_stream(idx);
+    int64_t pos = rt.consumed;
+    if (rt.issued < pos + 1 + rt.cfg.read_ahead) {
+      rt.issued = pos + 1 + rt.cfg.read_ahead;  /* into the buffer of the call before: see top */
+      pthread_cond_signal(&ra_work);
+    }
+    double t0 = now_s();
+    while (rt.done_upto <= pos) pthread_cond_wait(&ra_done, &ra_mu);
+    waited = now_s() - t0;
+    rt.consumed = pos + 1;
+    ahead_t* a = &rt.ahead[pos % rt.nbuf];
+    if (a->state == DONE)
+      data = rt.ahead_buf[pos % rt.nbuf];
+    else
+      strcpy(err, a->err);
+  }
+  rt.st[ST_IO_WAIT] += waited;
+  rt.st[ST_BYTES_NEEDED] += (double)wlb;
+  rt.st[ST_ACTIVE] += (double)rt.cfg.n;
+  rt.st[ST_WHOLES] += 1;
+  pthread_mutex_unlock(&ra_mu);
+  int rc = data ? ret_view(fn, result, data, 1, &wlb, (DLDataType){kDLUInt, 8, 1})
+                : fail("RuntimeError", "%s", err);
+  pthread_mutex_unlock(&rt_mu);
+  return rc;
+}
+
+EXPORT int __tvm_ffi_ripple_rt_fetch(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  static const char* fn = "ripple.rt.fetch";
+  int64_t layer = 0;
+  DLTensor* logits;
+  (void)self;
+  if (want_args(fn, n, 2) || arg_int(args, 0, fn, "layer", &layer) ||
+      arg_tensor(args, 1, fn, "logits", kDLFloat, 32, 0, &logits))
+    return -1;
+  pthread_mutex_lock(&rt_mu);
+  int rc = -1;
+  const rt_config_t* c = &rt.cfg;
+  if (check_layer(fn, layer, 0) != 0) goto done;
+  const int64_t N = c->n, bb = c->bundle_bytes;
+  if (logits->ndim != 2 || logits->shape[1] != N) {
+    fail("ValueError", "%s: logits must have shape (T, %lld), got %s(%lld, %lld)", fn, (long long)N,
+         logits->ndim == 2 ? "" : "a tensor of another rank: ",
+         (long long)(logits->ndim > 0 ? logits->shape[0] : 0),
+         (long long)(logits->ndim > 1 ? logits->shape[1] : 0));
+    goto done;
+  }
+  if (c->sets_all) {
+    memset(rt.act, 1, (size_t)N);
+  } else {
+    const float* x = (const float*)tensor_data(logits);
+    const float thr = c->thresholds[layer];
+    memset(rt.act, 0, (size_t)N);
+    for (int64_t t = 0; t < logits->shape[0]; ++t, x += N)
+      for (int64_t i = 0; i < N; ++i) rt.act[i] |= x[i] > thr;
+  }
+  /* hits first, copied from DRAM; the misses after them, read in slot order */
+  const int32_t* so = c->slot_of + layer * N;
+  const int32_t* pin = rt.pin_row + layer * N;
+  int64_t k = 0, hits = 0, misses = 0;
+  memset(rt.mark, 0, (size_t)N);
+  for (int64_t i = 0; i < N; ++i) {
+    if (!rt.act[i]) continue;
+    if (pin[i] >= 0) {
+      memcpy(rt.gather + hits * bb, rt.pinned_rows[layer] + (int64_t)pin[i] * bb, (size_t)bb);
+      ++hits;
+    } else {
+      rt.mark[so[i]] = 1;
+      ++misses;
+    }
+  }
+  io_t io = {0, 0, 0};
+  if (misses > 0 && read_marked(fn, layer, rt.mark, rt.gather + hits * bb, &k, &io) != 0) goto done;
+  k += hits;
+  pthread_mutex_lock(&ra_mu);
+  rt.st[ST_IO_WAIT] += io.seconds;       /* the caller waited for every read of a fetch */
+  rt.st[ST_READ_SECONDS] += io.seconds;
+  rt.st[ST_BYTES_READ] += (double)io.bytes;
+  rt.st[ST_REQUESTS] += (double)io.requests;
+  rt.st[ST_BYTES_NEEDED] += (double)(k * bb);
+  rt.st[ST_ACTIVE] += (double)k;
+  rt.st[ST_HITS] += (double)hits;
+  rt.st[ST_FETCHES] += 1;
+  pthread_mutex_unlock(&ra_mu);
+  static const DLDataType dtypes[] = {{kDLUInt, 8, 1}, {kDLInt, 8, 1}, {kDLFloat, 16, 1}};
+  const int64_t shape[2] = {k, bb / rt_elem_bytes(c->view_dtype)};
+  rc = ret_view(fn, result, rt.gather, 2, shape, dtypes[c->view_dtype]);
+done:
+  pthread_mutex_unlock(&rt_mu);
+  return rc;
+}
+
+/* out (16,) float64, cumulative since open (kept after close until the next open):
+ * [0] seconds whole()/fetch() callers waited for reads, [1] read seconds in all (with those
+ * hidden behind compute), [2] bytes read from flash, [3] bytes the kernels needed (k bundles a
+ * fetch, whole_layer_bytes a whole call), [4] read requests, [5] active neurons (k a fetch, n
+ * a whole call), [6] bundles served from DRAM, [7] fetch calls, [8] whole calls, [9] pinned DRAM
+ * bytes, [10] buffer bytes (read-ahead, gather, staging), [11] O_DIRECT (1/0), [12] layers,
+ * [13..15] 0. Read-ahead reads count when they finish. */
+EXPORT int __tvm_ffi_ripple_rt_stats(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  static const char* fn = "ripple.rt.stats";
+  DLTensor* out;
+  (void)self;
+  (void)result;
+  if (want_args(fn, n, 1) || arg_tensor(args, 0, fn, "out", kDLFloat, 64, 0, &out)) return -1;
+  if (out->ndim != 1 || out->shape[0] != ST_COUNT)
+    return fail("ValueError", "%s: out must have shape (%d,) float64", fn, ST_COUNT);
+  pthread_mutex_lock(&rt_mu);
+  int rc = 0;
+  if (!rt.opened_once) {
+    rc = fail("RuntimeError", "%s: %s", fn, NO_RUNTIME);
+  } else {
+    pthread_mutex_lock(&ra_mu);
+    memcpy(tensor_data(out), rt.st, sizeof rt.st);
+    pthread_mutex_unlock(&ra_mu);
+  }
+  pthread_mutex_unlock(&rt_mu);
+  return rc;
+}
+
+/* Closing with no runtime open does nothing. */
+EXPORT int __tvm_ffi_ripple_rt_close(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  (void)self;
+  (void)args;
+  (void)result;
+  if (want_args("ripple.rt.close", n, 0)) return -1;
+  pthread_mutex_lock(&rt_mu);
+  teardown();
+  pthread_mutex_unlock(&rt_mu);
+  return 0;
+}

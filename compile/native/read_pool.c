@@ -1,0 +1,136 @@
+/* The pool of reader threads: `queue_depth` participants (the caller and helpers) each keep
+ * one pread in flight, taking extents from a shared counter, so the storage sees that many
+ * requests at once (a phone's UFS reaches its bandwidth only at depth; see the probe).
+ */
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ripple_native.h"
+
+double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
+
+/* A helper takes a place (a ticket) in the posted job; only as many helpers as the job has
+ * places are woken, so a job of 3 reads does not wake a pool grown to 32 threads for another. */
+static void* pool_worker(void* arg) {
+  pool_t* p = (pool_t*)arg;
+  pthread_mutex_lock(&p->mu);
+  for (;;) {
+    while (p->tickets == 0 && !p->quit) pthread_cond_wait(&p->go, &p->mu);
+    if (p->quit) break;
+    job_t* j = p->job;
+    int idx = j->nthreads - p->tickets--;
+    pthread_mutex_unlock(&p->mu);
+    j->run(j, idx);
+    pthread_mutex_lock(&p->mu);
+    if (--p->pending == 0) pthread_cond_signal(&p->done);
+  }
+  pthread_mutex_unlock(&p->mu);
+  return NULL;
+}
+
+int pool_run(const char* fn, pool_t* p, job_t* j, double* seconds) {
+  if (j->nthreads < 1 || j->nthreads > POOL_MAX)
+    return fail("ValueError", "%s: %d reader threads asked, 1..%d allowed", fn, j->nthreads, POOL_MAX);
+  pthread_mutex_lock(&p->run_mu);
+  pthread_mutex_lock(&p->mu);
+  while (p->threads < j->nthreads - 1) {
+    int e = pthread_create(&p->tid[p->threads], NULL, pool_worker, p);
+    if (e != 0) {
+      pthread_mutex_unlock(&p->mu);
+      pthread_mutex_unlock(&p->run_mu);
+      return fail("RuntimeError", "%s: cannot start reader thread %d: %s", fn, p->threads + 1,
+                  strerror(e));
+    }
+    p->threads++;
+  }
+  double t0 = now_s();
+  p->job = j;
+  p->tickets = p->pending = j->nthreads - 1;
+  for (int i = 1; i < j->nthreads; ++i) pthread_cond_signal(&p->go);
+  pthread_mutex_unlock(&p->mu);
+  j->run(j, 0);
+  pthread_mutex_lock(&p->mu);
+  while (p->pending > 0) pthread_cond_wait(&p->done, &p->mu);
+  p->job = NULL;
+  pthread_mutex_unlock(&p->mu);
+  *seconds = now_s() - t0;
+  pthread_mutex_unlock(&p->run_mu);
+  return 0;
+}
+
+void pool_stop(pool_t* p) {
+  pthread_mutex_lock(&p->run_mu);
+  pthread_mutex_lock(&p->mu);
+  p->quit = 1;
+  pthread_cond_broadcast(&p->go);
+  int n = p->threads;
+  pthread_mutex_unlock(&p->mu);
+  for (int i = 0; i < n; ++i) pthread_join(p->tid[i], NULL);
+  pthread_mutex_lock(&p->mu);
+  p->threads = 0;
+  p->quit = 0;
+  pthread_mutex_unlock(&p->mu);
+  pthread_mutex_unlock(&p->run_mu);
+}
+
+static void record_error(job_t* j, int err, int64_t off, int64_t len, int64_t got) {
+  int expected = 0;
+  if (atomic_compare_exchange_strong(&j->failed, &expected, 1)) {
+    j->err = err;
+    j->err_off = off;
+    j->err_len = len;
+    j->err_got = got;
+  }
+}
+
+int read_full(job_t* j, char* dst, int64_t off, int64_t len) {
+  int64_t got = 0;
+  while (got < len) {
+    ssize_t k = pread(j->fd, dst + got, (size_t)(len - got), (off_t)(off + got));
+    if (k < 0) {
+      if (ERRNO == EINTR) continue;
+      record_error(j, ERRNO, off, len, got);
+      return -1;
+    }
+    if (k == 0) {
+      record_error(j, 0, off, len, got);
+      return -1;
+    }
+    got += k;
+  }
+  return 0;
+}
+
+void run_read(job_t* j, int idx) {
+  (void)idx;
+  for (;;) {
+    int64_t i = atomic_fetch_add(&j->next, 1);
+    if (i >= j->m || atomic_load(&j->failed)) return;
+    if (read_full(j, j->buf + j->starts[i], j->ext[2 * i], j->ext[2 * i + 1]) != 0) return;
+  }
+}
+
+void job_message(char* out, size_t cap, const char* fn, const char* path, const job_t* j) {
+  if (j->err == 0)
+    snprintf(out, cap, "%s: %s: short read at offset %lld (%lld of %lld bytes); is the file "
+             "truncated?", fn, path, (long long)(j->err_off + j->err_got), (long long)j->err_got,
+             (long long)j->err_len);
+  else
+    snprintf(out, cap, "%s: %s: read of %lld bytes at offset %lld failed: %s", fn, path,
+             (long long)j->err_len, (long long)j->err_off, strerror(j->err));
+}
+
+int job_error(const char* fn, const char* path, const job_t* j) {
+  char msg[1024];
+  job_message(msg, sizeof msg, fn, path, j);
+  return fail("RuntimeError", "%s", msg);
+}

@@ -1,0 +1,284 @@
+"""The device's flash runtime (compile/native/flash_runtime.c), built for this machine and
+loaded into this process, called through its globals as a compiled model calls them: fetch
+returns exactly the asked bundles however the reads are planned, whole returns exactly a
+layer's extent token after token, the counters add up, and bad input is one line, never a
+crash. Real files on the real disk, real O_DIRECT."""
+import shutil
+
+import numpy as np
+import pytest
+import tvm
+
+from ripple.compile import native_reader as nr
+from ripple.compile.runtime_config import HEADER, RuntimeConfig, read_runtime_config, write_runtime_config
+from ripple.runtime_py.planner import plan_reads
+
+L, N, WHOLE_BYTES = 4, 300, 3 * 4096
+IO_WAIT, READ_S, BYTES, NEEDED, REQUESTS, ACTIVE, HITS, FETCHES, WHOLES, PINNED, BUFFERS, O_DIRECT, \
+    LAYERS = range(13)
+
+
+@pytest.fixture(scope="module")
+def rt():
+    """The globals, after the host build is loaded into this process."""
+    mod = nr.load_reader()
+    fns = {name: tvm.get_global_func(f"ripple.rt.{name}") for name in ("open", "whole", "fetch", "stats",
+                                                                     "close")}
+    assert mod[nr.RT_FETCH] is not None       # also a module function, for a runner that dlopens it
+    yield fns
+    fns["close"]()
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory):
+    """4 layers x 300 neurons of d=64 SwiGLU fp16 bundles (384 bytes: runs cross blocks) in a
+    random placement, and a whole copy of 3 blocks a layer, written as the packer writes them."""
+    from ripple.layout import BundleSpec
+    from ripple.layout.pack import write_layout
+    from ripple.layout.reader import open_layout
+    spec, rng = BundleSpec("swiglu", 64, "fp16"), np.random.default_rng(4)
+    layers = [(rng.integers(0, 256, (N, spec.bundle_bytes), dtype=np.uint8), rng.permutation(N))
+              for _ in range(L)]
+    d = tmp_path_factory.mktemp("rt")
+    write_layout(d, spec, layers, {}, "random", "flash-runtime-test")
+    (d / "whole.rflash").write_bytes(rng.integers(0, 256, L * WHOLE_BYTES, dtype=np.uint8).tobytes())
+    return open_layout(d)
+
+
+def config(layout, name="rt.cfg", folder=None, **change) -> str:
+    """A config for `layout` (all layers sparse, nothing pinned) with `change` applied."""
+    cfg = RuntimeConfig(
+        bundles_file="model.rflash", whole_file="whole.rflash", n_layers=L, n=N,
+        bundle_bytes=layout.bundle_bytes, alignment=layout.alignment, view_dtype="float16",
+        region_offsets=layout.region_offsets, slot_of=layout.slot_of,
+        whole_offsets=np.arange(L) * WHOLE_BYTES, whole_layer_bytes=WHOLE_BYTES,
+        layer_mode=np.zeros(L, np.int8), logit_thresholds=np.full(L, 1.0, np.float32),
+        pinned_layers=np.zeros(L, bool), pinned_bundles=[np.zeros(0, np.int32)] * L,
+        sets_all=False, queue_depth=8, read_ahead=1, collapse_gap_bytes=0, max_request_bytes=0,
+        o_direct=True)
+    for k, v in change.items():
+        setattr(cfg, k, v)
+    path = (folder or layout.path.parent) / name
+    write_runtime_config(path, cfg)
+    return str(path)
+
+
+def file_bundles(layout, layer: int, ids) -> np.ndarray:
+    """uint8 (k, bundle_bytes): the bundles of neurons `ids` as numpy reads them from the file."""
+    raw = np.fromfile(layout.path, np.uint8)
+    at = layout.region_offsets[layer] + layout.slot_of[layer][np.asarray(ids, np.int64)] * layout.bundle_bytes
+    return np.stack([raw[a:a + layout.bundle_bytes] for a in at]) if len(at) else \
+        np.zeros((0, layout.bundle_bytes), np.uint8)
+
+
+def row_set(rows: np.ndarray) -> set[bytes]:
+    return {r.tobytes() for r in rows}
+
+
+def stats(rt) -> np.ndarray:
+    out = tvm.runtime.tensor(np.zeros(16, np.float64))
+    rt["stats"](out)
+    return out.numpy()
+
+
+def fetch(rt, layer, logits) -> np.ndarray:
+    got = rt["fetch"](layer, tvm.runtime.tensor(np.ascontiguousarray(logits, np.float32)))
+    return got.numpy()
+
+
+@pytest.mark.parametrize("gap, max_request", [(0, 0), (65536, 8192)], ids=["exact", "collapse+split"])
+def test_fetch_returns_the_bundles_of_every_neuron_some_row_predicts(rt, layout, gap, max_request):
+    rt["open"](config(layout, collapse_gap_bytes=gap, max_request_bytes=max_request))
+    rng = np.random.default_rng(gap + max_request)
+    for i in range(25):
+        layer, T = int(rng.integers(0, L)), int(rng.integers(1, 4))
+        logits = rng.standard_normal((T, N)) * rng.uniform(0.3, 2)
+        ids = np.flatnonzero((logits > 1.0).any(axis=0))
+        before = stats(rt)
+        got = fetch(rt, layer, logits)
+        after = stats(rt) - before
+        assert got.dtype == np.float16 and got.shape == (len(ids), layout.bundle_bytes // 2)
+        assert row_set(got.view(np.uint8)) == row_set(file_bundles(layout, layer, ids)), f"call {i}"
+        plan = plan_reads(np.sort(layout.slot_of[layer][ids]), int(layout.region_offsets[layer]),
+                          layout.bundle_bytes, layout.alignment, gap, max_request)
+        assert after[BYTES] == plan.extents[:, 1].sum() and after[REQUESTS] == len(plan.extents)
+        assert after[NEEDED] == len(ids) * layout.bundle_bytes and after[ACTIVE] == len(ids)
+        assert after[FETCHES] == 1 and after[HITS] == 0 and after[IO_WAIT] == after[READ_S]
+        assert (after[READ_S] > 0) == (len(ids) > 0)     # no active neuron: nothing read
+    s = stats(rt)
+    assert s[O_DIRECT] == 1 and s[LAYERS] == L and s[PINNED] == 0 and s[WHOLES] == 0
+    assert s[BUFFERS] >= 2 * N * layout.bundle_bytes
+
+
+def test_collapse_reads_fewer_requests_of_more_bytes(rt, layout):
+    logits = np.where(np.arange(N) % 7 == 0, 5.0, -5.0)[None, :]
+    seen = {}
+    for gap in (0, 1 << 20):
+        rt["open"](config(layout, collapse_gap_bytes=gap))
+        fetch(rt, 2, logits)
+        seen[gap] = stats(rt)[[BYTES, REQUESTS]]
+    assert seen[1 << 20][1] == 1 < seen[0][1] and seen[1 << 20][0] >= seen[0][0]
+
+
+def test_pinned_bundles_are_copied_from_dram_and_not_read(rt, layout):
+    pinned = np.arange(0, N, 3, dtype=np.int32)
+    rt["open"](config(layout, pinned_bundles=[pinned, pinned[:0], pinned[:10], pinned[:0]]))
+    assert stats(rt)[PINNED] == (len(pinned) + 10) * layout.bundle_bytes
+    logits = np.random.default_rng(7).standard_normal((2, N))
+    ids = np.flatnonzero((logits > 1.0).any(axis=0))
+    got = fetch(rt, 0, logits)
+    assert row_set(got.view(np.uint8)) == row_set(file_bundles(layout, 0, ids))
+    misses = np.setdiff1d(ids, pinned)
+    plan = plan_reads(np.sort(layout.slot_of[0][misses]), int(layout.region_offsets[0]),
+                      layout.bundle_bytes, layout.alignment)
+    s = stats(rt)
+    assert s[HITS] == len(ids) - len(misses) > 0 and s[ACTIVE] == len(ids)
+    assert s[BYTES] == plan.extents[:, 1].sum()        # the pinned ones were read at open only
+    everything = fetch(rt, 0, np.full((1, N), 9.0))     # all pinned of the layer among them
+    assert row_set(everything.view(np.uint8)) == row_set(file_bundles(layout, 0, np.arange(N)))
+
+
+def test_sets_all_fetches_every_neuron_and_no_active_neuron_is_an_empty_view(rt, layout):
+    rt["open"](config(layout, sets_all=True, view_dtype="uint8"))
+    got = fetch(rt, 1, np.full((1, N), -np.inf))
+    assert got.dtype == np.uint8 and row_set(got) == row_set(file_bundles(layout, 1, np.arange(N)))
+    rt["open"](config(layout, view_dtype="int8"))
+    empty = fetch(rt, 1, np.full((3, N), -np.inf))
+    assert empty.shape == (0, layout.bundle_bytes) and empty.dtype == np.int8
+    s = stats(rt)
+    assert s[BYTES] == 0 and s[REQUESTS] == 0 and s[FETCHES] == 1 and s[ACTIVE] == 0
+
+
+@pytest.mark.parametrize("read_ahead, max_request", [(0, 0), (1, 4096), (2, 8192)])
+def test_whole_returns_each_layers_extent_token_after_token(rt, layout, read_ahead, max_request):
+    """Layers 1 and 3 are read ahead, layer 2 is pinned, layer 0 sparse: three tokens."""
+    whole = np.fromfile(layout.path.parent / "whole.rflash", np.uint8).reshape(L, WHOLE_BYTES)
+    rt["open"](config(layout, layer_mode=np.array([0, 1, 1, 1], np.int8), read_ahead=read_ahead,
+                      pinned_layers=np.array([0, 0, 1, 0], bool), max_request_bytes=max_request))
+    assert stats(rt)[PINNED] == WHOLE_BYTES
+    pinned_at = set()
+    for token in range(3):
+        fetch(rt, 0, np.zeros((1, N)))
+        for layer in (1, 2, 3):
+            view = rt["whole"](layer)
+            a = np.from_dlpack(view)                  # no copy: the runtime's own memory
+            assert a.shape == (WHOLE_BYTES,) and a.ctypes.data % 64 == 0
+            assert np.array_equal(a, whole[layer]), f"token {token} layer {layer}"
+            if layer == 2:
+                pinned_at.add(a.ctypes.data)
+    assert len(pinned_at) == 1                        # the pinned copy itself, every token
+    rt["close"]()
+    s = stats(rt)                                     # the counters outlive close
+    assert s[WHOLES] == 9 and s[NEEDED] == 9 * WHOLE_BYTES and s[ACTIVE] == 9 * N
+    streamed = s[BYTES] / WHOLE_BYTES                 # read-ahead reads that finished
+    assert streamed == int(streamed) and 6 <= streamed <= 6 + read_ahead
+    per_layer = -(-WHOLE_BYTES // max_request) if max_request else 1
+    assert s[REQUESTS] == streamed * per_layer and s[READ_S] > 0 and s[IO_WAIT] >= 0
+    region = -(-N * layout.bundle_bytes // layout.alignment) * layout.alignment
+    assert s[BUFFERS] == N * layout.bundle_bytes + region + (read_ahead + 1) * WHOLE_BYTES  # gather, stage
+
+
+def test_whole_out_of_order_restarts_the_read_ahead_at_the_asked_layer(rt, layout):
+    whole = np.fromfile(layout.path.parent / "whole.rflash", np.uint8).reshape(L, WHOLE_BYTES)
+    rt["open"](config(layout, layer_mode=np.ones(L, np.int8), read_ahead=2))
+    for layer in (2, 3, 0, 3, 1, 1, 2):
+        assert np.array_equal(rt["whole"](layer).numpy(), whole[layer]), layer
+
+
+def test_o_direct_off_reads_buffered_and_says_so(rt, layout):
+    rt["open"](config(layout, o_direct=False))
+    got = fetch(rt, 3, np.full((1, N), 2.0))
+    assert row_set(got.view(np.uint8)) == row_set(file_bundles(layout, 3, np.arange(N)))
+    assert stats(rt)[O_DIRECT] == 0
+
+
+def test_the_config_reads_back_as_written(layout):
+    pins = [np.array([5, 1], np.int32), np.zeros(0, np.int32), np.array([7], np.int32), np.zeros(0, np.int32)]
+    path = config(layout, name="round.cfg", whole_file=None, pinned_bundles=pins, read_ahead=3)
+    cfg = read_runtime_config(path)
+    assert cfg.whole_file is None and cfg.bundles_file == "model.rflash" and cfg.read_ahead == 3
+    assert np.array_equal(cfg.slot_of, layout.slot_of) and cfg.view_dtype == "float16"
+    assert [p.tolist() for p in cfg.pinned_bundles] == [[5, 1], [], [7], []]
+
+
+def one_line(e) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg.strip(), msg
+    return msg
+
+
+def test_bad_calls_are_one_line_errors(rt, layout):
+    rt["close"]()
+    with pytest.raises(RuntimeError, match=r"ripple.rt.whole: no runtime is open; call ripple.rt.open") as e:
+        rt["whole"](1)
+    one_line(e)
+    rt["open"](config(layout, layer_mode=np.array([0, 1, 0, 0], np.int8)))
+    ok = tvm.runtime.tensor(np.zeros((1, N), np.float32))
+    cases = [
+        (ValueError, r"ripple.rt.fetch: layer 7 outside 0..3", lambda: rt["fetch"](7, ok)),
+        (ValueError, r"ripple.rt.whole: layer -1 outside 0..3", lambda: rt["whole"](-1)),
+        (ValueError, r"ripple.rt.fetch: layer 1 is read whole \(layer_mode 1\); call ripple.rt.whole",
+         lambda: rt["fetch"](1, ok)),
+        (ValueError, r"ripple.rt.whole: layer 0 is sparse \(layer_mode 0\); call ripple.rt.fetch",
+         lambda: rt["whole"](0)),
+        (TypeError, r"ripple.rt.fetch: logits must be float32",
+         lambda: rt["fetch"](0, tvm.runtime.tensor(np.zeros((1, N), np.float64)))),
+        (ValueError, r"ripple.rt.fetch: logits must have shape \(T, 300\), got \(1, 299\)",
+         lambda: rt["fetch"](0, tvm.runtime.tensor(np.zeros((1, N - 1), np.float32)))),
+        (TypeError, r"ripple.rt.fetch: takes 2 arguments, got 1", lambda: rt["fetch"](0)),
+        (ValueError, r"ripple.rt.stats: out must have shape \(16,\) float64",
+         lambda: rt["stats"](tvm.runtime.tensor(np.zeros(4, np.float64)))),
+    ]
+    for kind, says, call in cases:
+        with pytest.raises(kind, match=says) as e:
+            call()
+        one_line(e)
+    assert fetch(rt, 0, np.zeros((1, N))).shape[0] == 0     # still open and working
+
+
+def test_bad_files_are_one_line_errors_at_open(rt, layout, tmp_path):
+    for f in ("model.rflash", "whole.rflash"):
+        shutil.copyfile(layout.path.parent / f, tmp_path / f)
+    good = config(layout, folder=tmp_path, layer_mode=np.array([0, 1, 0, 0], np.int8))
+    raw = open(good, "rb").read()
+    (tmp_path / "magic.cfg").write_bytes(b"GGUF" + raw[4:])
+    (tmp_path / "short.cfg").write_bytes(raw[:-5])
+    # slot_of[2, 0] = slot_of[2, 1], past the Python writer's own check: names of 24 bytes, then
+    # three int64 and one float32 array of L
+    slots = np.frombuffer(raw, np.int32, L * N, HEADER.size + 24 + L * 28).copy()
+    slots[2 * N] = slots[2 * N + 1]
+    (tmp_path / "slots.cfg").write_bytes(raw[:HEADER.size + 24 + L * 28] + slots.tobytes()
+                                         + raw[HEADER.size + 24 + L * 28 + slots.nbytes:])
+    cases = [
+        (str(tmp_path / "none.cfg"), r"none.cfg: open failed: No such file or directory"),
+        (str(tmp_path / "magic.cfg"), r"magic.cfg is not a ripple runtime config \(bad magic\)"),
+        (str(tmp_path / "short.cfg"), r"short.cfg: the header says \d+ bytes, the file has \d+"),
+        (str(tmp_path / "slots.cfg"), r"layer 2: slot_of is not a permutation of 0..299"),
+        (config(layout, name="gone.cfg", folder=tmp_path, bundles_file="gone.rflash"),
+         r"gone.rflash: open failed: No such file or directory"),
+    ]
+    os_truncate = tmp_path / "whole.rflash"
+    for path, says in cases:
+        with pytest.raises(Exception, match=rf"ripple.rt.open: .*{says}") as e:
+            rt["open"](path)
+        one_line(e)
+    with open(os_truncate, "r+b") as f:
+        f.truncate(2 * WHOLE_BYTES - 4096)
+    with pytest.raises(RuntimeError, match=r"ripple.rt.open: .*whole.rflash holds 20480 bytes, layer 1's "
+                                           r"whole extent ends at 24576; the file is truncated") as e:
+        rt["open"](good)
+    one_line(e)
+    with pytest.raises(RuntimeError, match="no runtime is open"):
+        rt["fetch"](0, tvm.runtime.tensor(np.zeros((1, N), np.float32)))   # a failed open leaves none
+
+
+def test_a_file_truncated_after_open_is_a_short_read(rt, layout, tmp_path):
+    shutil.copyfile(layout.path, tmp_path / "model.rflash")
+    rt["open"](config(layout, folder=tmp_path, whole_file=None))
+    with open(tmp_path / "model.rflash", "r+b") as f:
+        f.truncate(int(layout.region_offsets[3]))
+    with pytest.raises(RuntimeError, match=r"ripple.rt.fetch: .*model.rflash: short read at offset \d+ "
+                                           r"\(0 of \d+ bytes\); is the file truncated\?") as e:
+        fetch(rt, 3, np.full((1, N), 9.0))
+    one_line(e)
+    assert fetch(rt, 0, np.full((1, N), 9.0)).shape == (N, layout.bundle_bytes // 2)
