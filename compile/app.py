@@ -142,7 +142,7 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
         write_runtime_config(tmp / CONFIG_FILE, cfg)
         step("building the native runtime and runner")
         files = _natives(target, tmp)
-        tok = _tokenizer(path, tmp)
+        tok = _tokenizer(path, tmp, step)
         if storage_file is not None:
             shutil.copyfile(storage_file, tmp / STORAGE_FILE)
         info = {
@@ -269,12 +269,19 @@ def _natives(target: str, tmp: Path) -> dict:
     return files
 
 
-def _tokenizer(path: str, tmp: Path) -> str | None:
-    """tokenizer.json of the model's (fast) tokenizer, or None when it has none."""
+def _tokenizer(path: str, tmp: Path, step) -> str | None:
+    """tokenizer.json of the model's (fast) tokenizer; None, said through `step`, when the
+    checkpoint has none (the APP still decodes token ids; app.json says "tokenizer": null)."""
     from ..tuning.checkpoint import load_tokenizer
-    tok = load_tokenizer(path)
+    from ..tuning.model import ModelLoadError
+    try:
+        tok = load_tokenizer(path)
+    except ModelLoadError as e:
+        step(f"no tokenizer.json in the APP: {e}")
+        return None
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
+        step(f"no tokenizer.json in the APP: {path}'s tokenizer is not a fast (tokenizers) one")
         return None
     backend.save(str(tmp / TOKENIZER_FILE))
     return TOKENIZER_FILE

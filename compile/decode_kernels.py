@@ -79,12 +79,13 @@ def layer_norm(d: int, eps: float) -> tirx.PrimFunc:
     w = te.placeholder((_i64(d),), "float32", name="w")
     b = te.placeholder((_i64(d),), "float32", name="b")
     r = te.reduce_axis((0, _i64(d)), name="r")
-    mean = te.compute((n,), lambda t: te.sum(x[t, r], axis=r) / tirx.const(float(d), "float32"), name="mean")
+    inv_d = tirx.const(1.0 / d, "float32")
+    total = te.compute((n,), lambda t: te.sum(x[t, r], axis=r), name="total")
     r2 = te.reduce_axis((0, _i64(d)), name="r2")
-    var = te.compute((n,), lambda t: te.sum((x[t, r2] - mean[t]) * (x[t, r2] - mean[t]), axis=r2)
-                     / tirx.const(float(d), "float32"), name="var")
-    y = te.compute((n, _i64(d)), lambda t, c: (x[t, c] - mean[t]) * tirx.rsqrt(
-        var[t] + tirx.const(eps, "float32")) * w[c] + b[c], name="y")
+    sq = te.compute((n,), lambda t: te.sum((x[t, r2] - total[t] * inv_d) * (x[t, r2] - total[t] * inv_d),
+                                           axis=r2), name="sq")
+    y = te.compute((n, _i64(d)), lambda t, c: (x[t, c] - total[t] * inv_d) * tirx.rsqrt(
+        sq[t] * inv_d + tirx.const(eps, "float32")) * w[c] + b[c], name="y")
     return te.create_prim_func([x, w, b, y])
 
 
@@ -124,8 +125,9 @@ def predictor_logits(d: int, rank: int, n_ffn: int) -> tirx.PrimFunc:
     act = te.compute((n, _i64(rank)), lambda t, j: te.max(hid[t, j] + ab[j].astype("float32"),
                                                           tirx.const(0.0, "float32")), name="act")
     rr = te.reduce_axis((0, _i64(rank)), name="rr")
-    z = te.compute((n, _i64(n_ffn)), lambda t, i: te.sum(act[t, rr] * b[rr, i].astype("float32"), axis=rr)
-                   + bb[i].astype("float32"), name="z")
+    zr = te.compute((n, _i64(n_ffn)), lambda t, i: te.sum(act[t, rr] * b[rr, i].astype("float32"), axis=rr),
+                    name="zr")
+    z = te.compute((n, _i64(n_ffn)), lambda t, i: zr[t, i] + bb[i].astype("float32"), name="z")
     return te.create_prim_func([h, a, ab, b, bb, z])
 
 
@@ -134,12 +136,12 @@ def schedule_predictor(func: tirx.PrimFunc):
     weights are stored input-major, so a vector of outputs reads a contiguous run)."""
     from tvm import s_tir
     sch = s_tir.Schedule(func)
-    for name, vec in (("hid", 16), ("z", 16)):
+    for name, vec in (("hid", 16), ("zr", 16)):
         blk = sch.get_sblock(name)
         t, j, r = sch.get_loops(blk)
         jo, ji = sch.split(j, factors=[None, vec])
         sch.reorder(t, jo, r, ji)
-        if name == "z":
+        if name == "zr":
             sch.parallel(jo)
         sch.vectorize(ji)
         sch.decompose_reduction(blk, r)

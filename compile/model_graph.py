@@ -196,7 +196,7 @@ def _step_function(bb, kern, s: DecodeSpec, fname: str, names, ptypes) -> None:
         if s.pos_rows:
             x = bb.emit(relax.call_tir(kern("add_positions", lambda: K.add_positions(d, s.pos_offset)),
                                        relax.Tuple([x, P["pos_embed"], relax.prim_value(p)]), out_ty=act(d)))
-        inv_freq = P["inv_freq"] if s.rope else relax.const(np.zeros(1, np.float32))
+        inv_freq = P["inv_freq"] if s.rope else relax.const(np.zeros(max(s.head_dim // 2, 1), np.float32))
         for i in range(s.n_layers):
             h = normed(x, P[f"l{i}.attn_norm"], P.get(f"l{i}.attn_norm_b"))
             qkv = gemv(h, P[f"l{i}.wqkv"], s.qkv_kind, s.qkv_rows, d, P.get(f"l{i}.bqkv"))
