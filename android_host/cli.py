@@ -183,11 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the summary here")
     p.set_defaults(run=_run_tune_kernels)
 
-    p = sub.add_parser("export", help="write what an app ships: kernels .so, flash file, manifest, README")
+    p = sub.add_parser("export", help="write the APP folder an app ships for a target and check it loads back")
     p.add_argument("--target", required=True, help="named target, e.g. android-arm64 or host")
     p.add_argument("--layout", required=True, help="folder written by `ripple pack`")
     p.add_argument("--out", required=True, type=output_dir, help="new folder to write")
-    p.add_argument("--db", help="tuning database (default build/tuning/kernels-TARGET.json)")
+    p.add_argument("--storage", help="device profile whose latency table sets the reads' collapse rule")
+    p.add_argument("--budget-mb", type=_nonneg_float, default=0.0,
+                   help="DRAM for whole layers of the whole copy, read once at start (default 0)")
     p.set_defaults(run=_run_export)
 
     # `ripple bench WHAT`: side-by-side benchmarks that write JSON and a PNG.
@@ -334,7 +336,7 @@ def _run_tune_kernels(args) -> None:
 
 def _run_export(args) -> None:
     from .export import export_cmd
-    print(json.dumps(export_cmd(args.target, args.layout, args.out, args.db), indent=1))
+    print(json.dumps(export_cmd(args.target, args.layout, args.out, args.storage, args.budget_mb), indent=1))
 
 
 def run(args) -> int:

@@ -222,8 +222,8 @@ def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What 
         gen = generate(tm, layout, reader, thresholds, meta.get("criterion", "coef"), ids, tokens, tok,
                        backend, policy, planner=planner, measure_misses=measure_misses, ahead=ahead)
         rep = report(gen, reader, n_neurons, label)
-    out = {"model": str(path), "layout": str(layout.path), "sparsity": sparsity, "prompt": prompt,
-           "text": gen.text, "tokens": gen.tokens, **rep}
+    out = {"engine": "python", "model": str(path), "layout": str(layout.path), "sparsity": sparsity,
+           "prompt": prompt, "prompt_ids": ids, "text": gen.text, "tokens": gen.tokens, **rep}
     if json_out:
         write_json(json_out, out)
     return out

@@ -248,11 +248,9 @@ def _pinned_layers(mode: np.ndarray, copy, budget_mb: float) -> np.ndarray:
 
 
 def _place(src: Path, dest: Path) -> None:
-    """A flash file into the APP: a hard link when on the same file system (60 MB each), else a copy."""
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copyfile(src, dest)
+    """A flash file into the APP: a copy of its own (a hard link would let a change to the APP's
+    file, e.g. an app's installer, reach the layout it came from)."""
+    shutil.copyfile(src, dest)
 
 
 def _natives(target: str, tmp: Path) -> dict:

@@ -180,6 +180,19 @@ def split_bytes(p: StorageProfile, qd: int, tolerance: float = 0.05) -> int:
     return int(p.sizes[ok[0]])
 
 
+def extent_request_bytes(p: StorageProfile, extent_bytes: int, qd: int, align: int = 4096) -> int:
+    """The request size that reads one extent of `extent_bytes` fastest by the table: larger
+    requests cost less each, but an extent cut into few of them leaves the queue nearly empty
+    (a 1.66 MB layer in 1 MiB requests is two requests in flight)."""
+    best, best_s = align, float("inf")
+    for size in sorted({int(s) for s in p.sizes if s >= align} | {align}, reverse=True):
+        n = -(-int(extent_bytes) // size)
+        t = float(service_s(p, np.full(n, float(size)), min(n, max(int(qd), 1))).sum())
+        if t < best_s * 0.98:          # a smaller size must win clearly: more requests cost CPU
+            best, best_s = size, t
+    return best
+
+
 def replay(p: StorageProfile, token_plans: list[list[np.ndarray]], queue_depth: int) -> np.ndarray:
     """Modelled I/O seconds per token; token_plans[t][l] is layer l's (m, 2) extents."""
     return np.array([sum(batch_s(p, ext[:, 1], queue_depth, ext[:, 0]) for ext in layers)
