@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 # (recording each layer's FFN input for the predictor), place co-firing neurons side by side,
 # pack 4-bit gate/up (the GGUF's own blocks) and 8-bit down bundles in that order, with the
 # GGUF's own FFN blocks per layer beside them for layers read whole, train the activation
-# predictor, measure this disk's latency table, then generate with the FFN read from flash
-# through the compiled kernels, nothing of it held in DRAM.
+# predictor, measure this disk's latency table, compile the whole decode step with the native
+# flash runtime into an APP folder, generate with it (the FFN read from flash, nothing of it
+# held in DRAM), then decode the same prompt with the native runner: no Python in that process.
 demo: $(STAMP) sysdeps
 	mkdir -p $(DEMO)
 	.venv/bin/ripple profile --record-inputs --out $(DEMO)/profile.npz --json $(DEMO)/profile.json
@@ -28,8 +29,15 @@ demo: $(STAMP) sysdeps
 		--out $(DEMO)/layout
 	.venv/bin/ripple train-predictor --profile $(DEMO)/profile.npz --out $(DEMO)/layout
 	.venv/bin/ripple probe storage --path $(DEMO) --out $(DEMO)/storage.json
-	.venv/bin/ripple generate --layout $(DEMO)/layout --tokens 32 --backend tvm --non-ffn-dtype gguf \
-		--predictor-dtype int8 --no-measure-misses --storage $(DEMO)/storage.json --json $(DEMO)/generate.json
+	rm -rf $(DEMO)/app
+	.venv/bin/ripple compile --layout $(DEMO)/layout --storage $(DEMO)/storage.json --out $(DEMO)/app
+	.venv/bin/ripple generate --app $(DEMO)/app --tokens 32 --json $(DEMO)/generate.json
+	$(DEMO)/app/ripple-run --tokens 32 --json $(DEMO)/run.json --prompt-ids \
+		$$($(PY) -c 'import json; print(",".join(map(str, json.load(open("$(DEMO)/generate.json"))["prompt_ids"])))')
+	@$(PY) -c 'import json, sys; a, b = (json.load(open(f"$(DEMO)/{n}.json")) for n in ("generate", "run")); \
+		same = a["ids"] == b["ids"]; rss = b["peak_rss_bytes"] / 1e6; \
+		print("ripple-run:", len(b["ids"]), "ids,", "the same" if same else "NOT the same", \
+		"as ripple generate; peak RSS %.1f MB" % rss); sys.exit(not same)'
 
 # System tools: gcc and the aarch64 cross compiler (android-arm64 kernels; the native flash
 # reader, compile/native, for both), file and readelf (tests
