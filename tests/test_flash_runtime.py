@@ -2,7 +2,8 @@
 loaded into this process, called through its globals as a compiled model calls them: fetch
 returns exactly the asked bundles however the reads are planned, whole returns exactly a
 layer's extent token after token, the counters add up, and bad input is one line, never a
-crash. Real files on the real disk, real O_DIRECT."""
+crash. Real files on the real disk, real O_DIRECT; with verify, a changed byte is a one-line
+error of the call that read it."""
 import shutil
 
 import numpy as np
@@ -10,12 +11,13 @@ import pytest
 import tvm
 
 from ripple.compile import native_reader as nr
-from ripple.compile.runtime_config import HEADER, RuntimeConfig, read_runtime_config, write_runtime_config
+from ripple.compile.runtime_config import (HEADER, RuntimeConfig, block_crc_tables, read_runtime_config,
+                                           write_runtime_config)
 from ripple.runtime_py.planner import plan_reads
 
 L, N, WHOLE_BYTES = 4, 300, 3 * 4096
 IO_WAIT, READ_S, BYTES, NEEDED, REQUESTS, ACTIVE, HITS, FETCHES, WHOLES, PINNED, BUFFERS, O_DIRECT, \
-    LAYERS = range(13)
+    LAYERS, VERIFIED, VERIFY_S = range(15)
 
 
 @pytest.fixture(scope="module")
@@ -282,3 +284,108 @@ def test_a_file_truncated_after_open_is_a_short_read(rt, layout, tmp_path):
         fetch(rt, 3, np.full((1, N), 9.0))
     one_line(e)
     assert fetch(rt, 0, np.full((1, N), 9.0)).shape == (N, layout.bundle_bytes // 2)
+
+
+# ------------------------------------------------------------------ block checksums (verify)
+
+@pytest.fixture(scope="module")
+def checked(layout):
+    """The config fields of `ripple compile --verify`: the tables of model.rflash's manifest and
+    of a whole copy whose per-block CRCs are computed as the packer computes them."""
+    from ripple.layout.block_crc import BlockCrc
+    from ripple.layout.whole_copy import WholeCopy
+    path = layout.path.parent / "whole.rflash"
+    tables = []
+    for extent in np.fromfile(path, np.uint8).reshape(L, WHOLE_BYTES):
+        crc = BlockCrc(layout.alignment)
+        crc.update(extent)
+        tables.append(crc.finish())
+    copy = WholeCopy(path, "", layout.alignment, (), np.arange(L) * WHOLE_BYTES, WHOLE_BYTES, (),
+                     tuple(tables))
+    bundle_crc32, whole_crc32 = block_crc_tables(layout, copy)
+    return {"verify": True, "bundle_crc32": bundle_crc32, "whole_crc32": whole_crc32}
+
+
+def flip_byte(layout, folder, name: str, at: int) -> None:
+    """Copies of both flash files in `folder`, one bit of `name`'s byte `at` flipped."""
+    for f in ("model.rflash", "whole.rflash"):
+        shutil.copyfile(layout.path.parent / f, folder / f)
+    with open(folder / name, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([b ^ 0x10]))
+
+
+def test_verify_checks_every_block_read_and_counts_it(rt, layout, checked):
+    """Sparse layers 0 and 3 (some of layer 0 pinned), layer 1 read ahead, layer 2 pinned whole."""
+    whole = np.fromfile(layout.path.parent / "whole.rflash", np.uint8).reshape(L, WHOLE_BYTES)
+    pins = [np.arange(0, N, 5, dtype=np.int32)] + [np.zeros(0, np.int32)] * 3
+    rt["open"](config(layout, layer_mode=np.array([0, 1, 1, 0], np.int8), pinned_bundles=pins,
+                      pinned_layers=np.array([0, 0, 1, 0], bool), max_request_bytes=8192, **checked))
+    rng = np.random.default_rng(13)
+    for token in range(2):
+        for layer in (0, 1, 2, 3):
+            if layer in (1, 2):
+                assert np.array_equal(rt["whole"](layer).numpy(), whole[layer]), (token, layer)
+                continue
+            logits = rng.standard_normal((2, N))
+            ids = np.flatnonzero((logits > 1.0).any(axis=0))
+            got = fetch(rt, layer, logits).view(np.uint8)
+            assert row_set(got) == row_set(file_bundles(layout, layer, ids)), (token, layer)
+    rt["close"]()
+    s = stats(rt)
+    assert s[VERIFIED] == s[BYTES] > 0 and s[VERIFY_S] > 0
+
+
+def test_verify_a_changed_byte_of_a_fetched_bundle_is_a_one_line_error(rt, layout, checked, tmp_path):
+    neuron = 17
+    at = int(layout.region_offsets[2] + layout.slot_of[2][neuron] * layout.bundle_bytes) + 5
+    flip_byte(layout, tmp_path, "model.rflash", at)
+    block = at // layout.alignment * layout.alignment
+    only = np.where(np.arange(N) == neuron, 5.0, -5.0)[None, :]
+    rt["open"](config(layout, folder=tmp_path, **checked))
+    with pytest.raises(RuntimeError, match=rf"ripple.rt.fetch: .*model.rflash: block at byte {block} does "
+                                           r"not match its checksum; the file changed since `ripple pack`: "
+                                           r"pack it again \(`ripple pack`\)") as e:
+        fetch(rt, 2, only)
+    one_line(e)
+    assert fetch(rt, 1, only).shape == (1, layout.bundle_bytes // 2)   # other blocks still read
+    rt["open"](config(layout, folder=tmp_path))                       # verify off: read as it is
+    got = fetch(rt, 2, only).view(np.uint8)
+    assert (got != file_bundles(layout, 2, [neuron])).sum() == 1
+
+
+def test_verify_a_changed_byte_of_a_whole_layer_fails_its_whole_call(rt, layout, checked, tmp_path):
+    at = WHOLE_BYTES + layout.alignment + 7                           # layer 1, its second block
+    flip_byte(layout, tmp_path, "whole.rflash", at)
+    whole = np.fromfile(layout.path.parent / "whole.rflash", np.uint8).reshape(L, WHOLE_BYTES)
+    says = (rf"whole.rflash: block at byte {WHOLE_BYTES + layout.alignment} does not match its checksum; "
+            r"the file changed since `ripple pack`: pack it again \(`ripple pack --whole-copy`\)")
+    rt["open"](config(layout, folder=tmp_path, layer_mode=np.array([0, 1, 1, 1], np.int8), **checked))
+    assert np.array_equal(rt["whole"](3).numpy(), whole[3])         # read ahead: layer 1 is next
+    with pytest.raises(RuntimeError, match=rf"ripple.rt.whole: .*{says}") as e:
+        rt["whole"](1)
+    one_line(e)
+    assert np.array_equal(rt["whole"](2).numpy(), whole[2])
+    with pytest.raises(RuntimeError, match=rf"ripple.rt.open: .*{says}") as e:   # pinned: read at open
+        rt["open"](config(layout, folder=tmp_path, layer_mode=np.array([0, 1, 1, 1], np.int8),
+                          pinned_layers=np.array([0, 1, 0, 0], bool), **checked))
+    one_line(e)
+    rt["open"](config(layout, folder=tmp_path, layer_mode=np.array([0, 1, 1, 1], np.int8)))
+    assert (rt["whole"](1).numpy() != whole[1]).sum() == 1            # verify off: no check
+    assert stats(rt)[VERIFIED] == 0
+
+
+def test_verify_tables_read_back_and_a_short_one_is_refused_at_open(rt, layout, checked):
+    cfg = read_runtime_config(config(layout, name="verify.cfg", **checked))
+    assert cfg.verify and np.array_equal(cfg.bundle_crc32, checked["bundle_crc32"])
+    assert np.array_equal(cfg.whole_crc32, checked["whole_crc32"]) and len(cfg.whole_crc32) == L * 3
+    assert not read_runtime_config(config(layout, name="plain.cfg")).verify
+    with pytest.raises(ValueError, match="empty unless verify is on"):
+        config(layout, name="bad.cfg", bundle_crc32=checked["bundle_crc32"])
+    short = checked | {"bundle_crc32": checked["bundle_crc32"][:-1]}
+    with pytest.raises(ValueError, match=r"ripple.rt.open: .*layer 3's region ends at byte \d+, the "
+                                         r"bundles file's checksum table covers \d+") as e:
+        rt["open"](config(layout, name="short.cfg", **short))
+    one_line(e)

@@ -155,7 +155,15 @@ def write_app(folder, hook: bool, rt_lib=None, eos=(V + 100,)):
 
 
 def python_decode(folder, prompt, tokens, eos=()):
-    """The greedy loop the runner runs, over the same VM in this process: (ids, logits)."""
+    """The greedy loop the runner runs, over the same VM in a Python process: (ids, logits).
+    A process of its own: the toy runtime registers ripple.rt.* globals, which must not replace
+    the real runtime's in this one (other tests' APPs resolve them by name)."""
+    from multiprocessing import get_context
+    with get_context("spawn").Pool(1) as pool:
+        return pool.apply(_python_decode, (folder, prompt, tokens, eos))
+
+
+def _python_decode(folder, prompt, tokens, eos):
     app = json.loads((folder / "app.json").read_text())
     if "runtime_library" in app:
         ctypes.CDLL(str(folder / app["runtime_library"]), mode=ctypes.RTLD_GLOBAL)

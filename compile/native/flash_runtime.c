@@ -10,6 +10,10 @@
  *   ripple.rt.stats(out (16,) float64)      counters since open (see rt_stats below)
  *   ripple.rt.close()                       stop the threads, free everything
  *
+ * With the config's verify on (`ripple compile --verify`), every block read (fetch's extents,
+ * the read-ahead's and the pinned reads at open) is checked against the CRC32 the pack stored
+ * for it, and a block that differs is a one-line error of the call that needed it.
+ *
  * Returned tensors are views of the runtime's memory, not copies: a fetch view lives until the
  * next fetch; a whole view of a read-ahead layer until the next whole() call of a read-ahead
  * layer (read_ahead + 1 buffers: that call issues a read into the buffer of the one before),
@@ -26,8 +30,10 @@
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "ripple_native.h"
@@ -44,7 +50,8 @@ typedef struct {
 /* Counters, as ripple.rt.stats hands them out. */
 enum {
   ST_IO_WAIT, ST_READ_SECONDS, ST_BYTES_READ, ST_BYTES_NEEDED, ST_REQUESTS, ST_ACTIVE, ST_HITS,
-  ST_FETCHES, ST_WHOLES, ST_PINNED_BYTES, ST_BUFFER_BYTES, ST_O_DIRECT, ST_LAYERS, ST_COUNT = 16
+  ST_FETCHES, ST_WHOLES, ST_PINNED_BYTES, ST_BUFFER_BYTES, ST_O_DIRECT, ST_LAYERS, ST_VERIFIED,
+  ST_VERIFY_SECONDS, ST_COUNT = 16
 };
 
 static struct {
@@ -85,9 +92,76 @@ static const char* NO_RUNTIME = "no runtime is open; call ripple.rt.open(config_
 /* ------------------------------------------------------------------ reads */
 
 typedef struct {
-  double seconds;
-  int64_t bytes, requests;
+  double seconds, verify_seconds;
+  int64_t bytes, requests, verified;
 } io_t;
+
+/* ------------------------------------------------------------------ block checksums */
+
+/* zlib's CRC32 (reflected polynomial 0xEDB88320, ~0 in and out), as layout/block_crc.py
+ * computes each block's with zlib.crc32; slicing by 8 bytes, table-driven, no library. */
+static uint32_t crc_tab[8][256];
+
+static void crc_init(void) {
+  if (crc_tab[0][128]) return;
+  for (uint32_t i = 0; i < 256; ++i) {
+    uint32_t c = i;
+    for (int k = 0; k < 8; ++k) c = c & 1 ? (c >> 1) ^ 0xEDB88320u : c >> 1;
+    crc_tab[0][i] = c;
+  }
+  for (int t = 1; t < 8; ++t)
+    for (int i = 0; i < 256; ++i)
+      crc_tab[t][i] = (crc_tab[t - 1][i] >> 8) ^ crc_tab[0][crc_tab[t - 1][i] & 0xff];
+}
+
+/* Little-endian loads: the targets are x86-64 and arm64. */
+static uint32_t crc32_of(const unsigned char* p, int64_t len) {
+  uint32_t c = 0xFFFFFFFFu, lo, hi;
+  for (; len >= 8; p += 8, len -= 8) {
+    memcpy(&lo, p, 4);
+    memcpy(&hi, p + 4, 4);
+    lo ^= c;
+    c = crc_tab[7][lo & 0xff] ^ crc_tab[6][(lo >> 8) & 0xff] ^ crc_tab[5][(lo >> 16) & 0xff] ^
+        crc_tab[4][lo >> 24] ^ crc_tab[3][hi & 0xff] ^ crc_tab[2][(hi >> 8) & 0xff] ^
+        crc_tab[1][(hi >> 16) & 0xff] ^ crc_tab[0][hi >> 24];
+  }
+  while (len-- > 0) c = crc_tab[0][(c ^ *p++) & 0xff] ^ (c >> 8);
+  return c ^ 0xFFFFFFFFu;
+}
+
+static double thread_cpu_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Checks the aligned blocks of [off, off + len) of a file, held at buf, against its table
+ * (whose coverage runtime_config.c checked); adds to io's verify counters. Returns the byte
+ * offset of the first block that differs, or -1. */
+static int64_t bad_block(const uint32_t* crcs, int64_t off, const char* buf, int64_t len, io_t* io) {
+  const int64_t a = rt.cfg.alignment;
+  int64_t bad = -1;
+  double t0 = thread_cpu_s();
+  for (int64_t at = 0; at < len && bad < 0; at += a)
+    if (crc32_of((const unsigned char*)buf + at, a) != crcs[(off + at) / a]) bad = off + at;
+  io->verify_seconds += thread_cpu_s() - t0;
+  io->verified += len;
+  return bad;
+}
+
+/* The one-line error; a path of more than 800 bytes is cut, so that the fix always shows. */
+static void checksum_message(char* out, size_t cap, const char* fn, const char* path, int64_t at,
+                             int whole_copy) {
+  snprintf(out, cap, "%s: %.800s: block at byte %lld does not match its checksum; the file changed "
+           "since `ripple pack`: pack it again (`ripple pack%s`), then `ripple compile`", fn, path,
+           (long long)at, whole_copy ? " --whole-copy" : "");
+}
+
+static int checksum_error(const char* fn, const char* path, int64_t at, int whole_copy) {
+  char msg[1024];
+  checksum_message(msg, sizeof msg, fn, path, at, whole_copy);
+  return fail("RuntimeError", "%s", msg);
+}
 
 static void run_nothing(job_t* j, int idx) {
   (void)j;
@@ -181,6 +255,11 @@ static int read_marked(const char* fn, int64_t layer, const uint8_t* mark, char*
   read_job(&j, rt.bfd, rt.stage, rt.req, rt.req_start, nreq);
   if (nreq > 0 && pool_run(fn, &fetch_pool, &j, &el) != 0) return -1;
   if (atomic_load(&j.failed)) return job_error(fn, c->bundles_path, &j);
+  for (int64_t e = 0; c->verify && e < m; ++e) {
+    int64_t len = (e + 1 < m ? rt.ext_start[e + 1] : total) - rt.ext_start[e];
+    int64_t bad = bad_block(c->bundle_crcs, rt.ext_off[e], rt.stage + rt.ext_start[e], len, io);
+    if (bad >= 0) return checksum_error(fn, c->bundles_path, bad, 0);
+  }
   char* out = dst;
   for (int64_t r = 0; r < runs; ++r) {
     int64_t e = rt.run_ext[r];
@@ -215,6 +294,12 @@ static void* ahead_thread(void* arg) {
     double el = 0;
     read_job(&j, rt.wfd, buf, rt.wreq, rt.wreq_start, rt.wreqs);
     int rc = pool_run(fn, &ahead_pool, &j, &el);
+    /* checked here, behind the compute of the layers between, as the read itself */
+    io_t io = {0, 0, 0, 0, 0};
+    int64_t bad = rc == 0 && !atomic_load(&j.failed) && rt.cfg.verify
+                      ? bad_block(rt.cfg.whole_crcs, rt.cfg.whole_offsets[layer], buf,
+                                  rt.cfg.whole_layer_bytes, &io)
+                      : -1;
     pthread_mutex_lock(&ra_mu);
     if (rc != 0) {
       a->state = FAILED;
@@ -223,11 +308,15 @@ static void* ahead_thread(void* arg) {
       a->state = FAILED;
       job_message(a->err, sizeof a->err, "ripple.rt.whole", rt.cfg.whole_path, &j);
     } else {
-      a->state = DONE;
+      a->state = bad >= 0 ? FAILED : DONE;
+      if (bad >= 0)
+        checksum_message(a->err, sizeof a->err, "ripple.rt.whole", rt.cfg.whole_path, bad, 1);
       rt.st[ST_BYTES_READ] += (double)rt.cfg.whole_layer_bytes;
       rt.st[ST_REQUESTS] += (double)rt.wreqs;
     }
     rt.st[ST_READ_SECONDS] += el;
+    rt.st[ST_VERIFIED] += (double)io.verified;
+    rt.st[ST_VERIFY_SECONDS] += io.verify_seconds;
     rt.reading = 0;
     rt.done_upto = pos + 1;
     pthread_cond_broadcast(&ra_done);
@@ -315,6 +404,7 @@ static int check_extent(const char* fn, const char* path, int fd, int64_t layer,
 static int open_runtime(const char* fn, const char* path) {
   rt_config_t* c = &rt.cfg;
   if (rt_config_read(fn, path, c) != 0) return -1;
+  crc_init();
   const int64_t L = c->n_layers, n = c->n, bb = c->bundle_bytes;
   if (open_flash(fn, c->bundles_path, (int)c->o_direct, &rt.bfd) != 0) return -1;
   if (c->whole_path[0] && open_flash(fn, c->whole_path, (int)c->o_direct, &rt.wfd) != 0) return -1;
@@ -344,7 +434,7 @@ static int open_runtime(const char* fn, const char* path) {
     return -1;
   if (warm(fn, &fetch_pool, c->queue_depth) != 0) return -1;
   double pinned = 0;
-  io_t uncounted = {0, 0, 0};  /* reads at open are not a token's */
+  io_t uncounted = {0, 0, 0, 0, 0};  /* reads at open are not a token's */
   /* pinned bundles: read once, in slot order; pin_row says where each neuron's row is */
   memset(rt.pin_row, 0xff, (size_t)(L * n * 4));
   const int32_t* ids = c->pinned_ids;
@@ -381,6 +471,9 @@ static int open_runtime(const char* fn, const char* path) {
     read_job(&j, rt.wfd, rt.pinned_whole[l], rt.wreq, rt.wreq_start, rt.wreqs);
     if (pool_run(fn, &fetch_pool, &j, &el) != 0) return -1;
     if (atomic_load(&j.failed)) return job_error(fn, c->whole_path, &j);
+    int64_t bad = c->verify ? bad_block(c->whole_crcs, c->whole_offsets[l], rt.pinned_whole[l], wlb,
+                                        &uncounted) : -1;
+    if (bad >= 0) return checksum_error(fn, c->whole_path, bad, 1);
     pinned += (double)wlb;
   }
   double buffers = (double)(n * bb + rt.stage_cap);
@@ -522,7 +615,7 @@ EXPORT int __tvm_ffi_ripple_rt_fetch(void* self, const TVMFFIAny* args, int32_t 
       ++misses;
     }
   }
-  io_t io = {0, 0, 0};
+  io_t io = {0, 0, 0, 0, 0};
   if (misses > 0 && read_marked(fn, layer, rt.mark, rt.gather + hits * bb, &k, &io) != 0) goto done;
   k += hits;
   pthread_mutex_lock(&ra_mu);
@@ -534,6 +627,8 @@ EXPORT int __tvm_ffi_ripple_rt_fetch(void* self, const TVMFFIAny* args, int32_t 
   rt.st[ST_ACTIVE] += (double)k;
   rt.st[ST_HITS] += (double)hits;
   rt.st[ST_FETCHES] += 1;
+  rt.st[ST_VERIFIED] += (double)io.verified;
+  rt.st[ST_VERIFY_SECONDS] += io.verify_seconds;
   pthread_mutex_unlock(&ra_mu);
   static const DLDataType dtypes[] = {{kDLUInt, 8, 1}, {kDLInt, 8, 1}, {kDLFloat, 16, 1}};
   const int64_t shape[2] = {k, bb / rt_elem_bytes(c->view_dtype)};
@@ -549,7 +644,10 @@ done:
  * fetch, whole_layer_bytes a whole call), [4] read requests, [5] active neurons (k a fetch, n
  * a whole call), [6] bundles served from DRAM, [7] fetch calls, [8] whole calls, [9] pinned DRAM
  * bytes, [10] buffer bytes (read-ahead, gather, staging), [11] O_DIRECT (1/0), [12] layers,
- * [13..15] 0. Read-ahead reads count when they finish. */
+ * [13] bytes checked against their block CRC32 (verify on: every byte of [2]; off: 0),
+ * [14] CPU seconds spent checking them (on the caller's thread for fetch, on the read-ahead
+ * thread for whole layers), [15] 0. Read-ahead reads count when they finish; reads at open
+ * (pinned) are checked but not counted. */
 EXPORT int __tvm_ffi_ripple_rt_stats(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
   static const char* fn = "ripple.rt.stats";
   DLTensor* out;

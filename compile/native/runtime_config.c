@@ -11,7 +11,8 @@
 
 #include "runtime_config.h"
 
-/* A config is a few MB at most (slot_of of a 7B model: 32 x 11008 x 4 bytes = 1.4 MB). */
+/* A config is a few MB at most (slot_of of a 7B model: 32 x 11008 x 4 bytes = 1.4 MB; with
+ * verify, 4 bytes per 4 KiB block of its ~4 GB model.rflash: 4 MB more). */
 #define RT_MAX_FILE_BYTES ((int64_t)1 << 32)
 
 int64_t rt_elem_bytes(int64_t view_dtype) { return view_dtype == RT_FLOAT16 ? 2 : 1; }
@@ -100,7 +101,8 @@ int rt_config_read(const char* fn, const char* path, rt_config_t* c) {
   int64_t file_bytes = i64_at(h), L = i64_at(h + 8), n = i64_at(h + 16), bb = i64_at(h + 24),
           align = i64_at(h + 32), vd = i64_at(h + 40), wlb = i64_at(h + 48), all = i64_at(h + 56),
           qd = i64_at(h + 64), ra = i64_at(h + 72), gap = i64_at(h + 80), maxreq = i64_at(h + 88),
-          od = i64_at(h + 96), s1 = i64_at(h + 104), s2 = i64_at(h + 112), P = i64_at(h + 120);
+          od = i64_at(h + 96), s1 = i64_at(h + 104), s2 = i64_at(h + 112), P = i64_at(h + 120),
+          verify = i64_at(h + 128), B = i64_at(h + 136), W = i64_at(h + 144);
   if (file_bytes != size)
     BAD("%s: %s: the header says %lld bytes, the file has %lld; it is truncated or was changed; "
         "write it again", fn, path, (long long)file_bytes, (long long)size);
@@ -126,8 +128,12 @@ int rt_config_read(const char* fn, const char* path, rt_config_t* c) {
   if (s1 < 1 || s1 >= PATH_CAP || s2 < 0 || s2 >= PATH_CAP || P < 0 || P > L * n)
     BAD("%s: %s: file name lengths %lld, %lld or pinned bundle count %lld out of range", fn, path,
         (long long)s1, (long long)s2, (long long)P);
+  if ((verify != 0 && verify != 1) || B < 0 || B > RT_MAX_FILE_BYTES / 4 || W < 0 ||
+      W > RT_MAX_FILE_BYTES / 4 || (!verify && (B || W)))
+    BAD("%s: %s: verify %lld with checksum tables of %lld and %lld blocks: want verify 0 or 1, "
+        "and tables only with verify", fn, path, (long long)verify, (long long)B, (long long)W);
   int64_t at = RT_HEADER_BYTES + align_up(s1 + s2, 8);
-  int64_t want = at + L * (8 * 3 + 4) + L * n * 4 + P * 4 + 2 * L;
+  int64_t want = at + L * (8 * 3 + 4) + L * n * 4 + (P + B + W) * 4 + 2 * L;
   if (want != size)
     BAD("%s: %s: %lld bytes, the header's sizes need %lld; write it again", fn, path,
         (long long)size, (long long)want);
@@ -140,7 +146,9 @@ int rt_config_read(const char* fn, const char* path, rt_config_t* c) {
   c->thresholds = (const float*)(c->pinned_counts + L);
   c->slot_of = (const int32_t*)(c->thresholds + L);
   c->pinned_ids = c->slot_of + L * n;
-  c->layer_mode = (const int8_t*)(c->pinned_ids + P);
+  c->bundle_crcs = (const uint32_t*)(c->pinned_ids + P);
+  c->whole_crcs = c->bundle_crcs + B;
+  c->layer_mode = (const int8_t*)(c->whole_crcs + W);
   c->pinned_layers = (const uint8_t*)(c->layer_mode + L);
 
   seen = (uint8_t*)malloc((size_t)n);
@@ -153,7 +161,8 @@ int rt_config_read(const char* fn, const char* path, rt_config_t* c) {
     int64_t ro = c->region_offsets[l], wo = c->whole_offsets[l], pc = c->pinned_counts[l];
     int mode = c->layer_mode[l], pin = c->pinned_layers[l];
     float thr = c->thresholds[l];
-    if (ro < 0 || ro % align || wo < 0 || wo % align)
+    if (ro < 0 || ro % align || ro > ((int64_t)1 << 56) || wo < 0 || wo % align ||
+        wo > ((int64_t)1 << 56))
       BAD("%s: %s: layer %lld: region offset %lld / whole offset %lld not a multiple of the "
           "alignment %lld", fn, path, (long long)l, (long long)ro, (long long)wo, (long long)align);
     if (mode != 0 && mode != 1)
@@ -169,6 +178,13 @@ int rt_config_read(const char* fn, const char* path, rt_config_t* c) {
     if (pc < 0 || pc > n || pinned_sum + pc > P)
       BAD("%s: %s: layer %lld: %lld pinned bundles do not fit the %lld listed", fn, path,
           (long long)l, (long long)pc, (long long)P);
+    /* with verify, every block a read of this layer can touch has its CRC */
+    int64_t end = mode == 0 ? ro + align_up(n * bb, align) : wo + wlb, blocks = mode == 0 ? B : W;
+    if (verify && end > blocks * align)
+      BAD("%s: %s: layer %lld's %s ends at byte %lld, the %s file's checksum table covers %lld; "
+          "write the config again with compile.runtime_config.block_crc_tables", fn, path,
+          (long long)l, mode == 0 ? "region" : "whole extent", (long long)end,
+          mode == 0 ? "bundles" : "whole-copy", (long long)(blocks * align));
     if (pc > 0 && mode != 0)
       BAD("%s: %s: layer %lld is read whole (layer_mode 1) but pins %lld bundles", fn, path,
           (long long)l, (long long)pc);
@@ -208,6 +224,9 @@ int rt_config_read(const char* fn, const char* path, rt_config_t* c) {
   c->max_request_bytes = maxreq;
   c->o_direct = od;
   c->pinned_total = P;
+  c->verify = verify;
+  c->n_bundle_crcs = B;
+  c->n_whole_crcs = W;
   return 0;
 bad:
   free(seen);
