@@ -1,7 +1,7 @@
 """`ripple bench e2e`: a token of the same GGUF, with the same threads, decoded by llama.cpp
-and by the flash-backed engine, side by side in one run: per-token latency, its I/O and
-compute, bytes read, model bytes resident in DRAM beside the process RSS, and perplexity
-on the same held-out text.
+and by the compiled flash-backed engine, side by side in one run: per-token latency, its I/O
+and compute, bytes read, prompt rate, model bytes resident in DRAM beside the process RSS,
+and perplexity on the same held-out text.
 
 Configurations (CONFIGS):
 - llamacpp-warm:     llama.cpp with the model in the page cache (the speed ceiling);
@@ -9,15 +9,21 @@ Configurations (CONFIGS):
                      phone whose DRAM cannot hold it (android_host.page_eviction, mincore-checked);
 - llamacpp-ffn-cold: only the FFN tensors' byte ranges evicted: the fair twin of ours, which
                      keeps attention, norms and embeddings in DRAM;
-- ours:              runtime_py.engine at the profile's sparsity, `ours` placement, planner
-                     and cache (runtime_py.strategies), predicted sets when a predictor is
-                     trained (profile --record-inputs), bundles in --dtype;
-- ours-dense:        the same engine reading every FFN bundle every token (region reads).
+- ours:              the compiled APP (compile.app: the whole decode step in one TVM library,
+                     the FFN read from flash by the native runtime) built from the `ours`
+                     placement, --dtype bundles, the GGUF's whole copy and the predictor, with
+                     --budget as whole layers pinned in DRAM and this run's measured disk as its
+                     device profile; run in a Python process through AppSession;
+- ours-dense:        the same engine with no DRAM budget reading every FFN byte every token
+                     (every layer read whole from the copy, or every bundle without one);
+- native:            the `ours` APP run by APP/ripple-run, a process with no Python in it: its
+                     peak RSS is the one to put beside llama.cpp's.
+The APPs are built and cached by android_host.bench_app.
 
-Each configuration runs in its own process (spawned), so its RSS is its own and no
-configuration inherits another's page cache state or threads. llama.cpp works on a private
-copy of the GGUF, so that no other process mapping the embedded file keeps its pages in the
-page cache. The disk's fio figures and the planner's latency table are measured in the same
+Each configuration runs in its own process (spawned, or ripple-run itself), so its RSS is its
+own and no configuration inherits another's page cache state or threads. llama.cpp works on a
+private copy of the GGUF, so that no other process mapping the embedded file keeps its pages in
+the page cache. The disk's fio figures and the planner's latency table are measured in the same
 run (android_host.probe). This module imports nothing heavy at top (the CLI builds its parser).
 """
 from __future__ import annotations
@@ -33,25 +39,34 @@ from pathlib import Path
 
 from .bench_io import cache_key, cached_manifest
 
-CONFIGS = ("llamacpp-warm", "llamacpp-cold", "llamacpp-ffn-cold", "ours", "ours-dense")
+CONFIGS = ("llamacpp-warm", "llamacpp-cold", "llamacpp-ffn-cold", "ours", "ours-dense", "native")
+APP_CONFIGS = ("ours", "ours-dense", "native")
 LLAMA_EVICTION = {"llamacpp-warm": "none", "llamacpp-cold": "file", "llamacpp-ffn-cold": "ffn"}
 CONFIG_KEYS = ("per_token_ms_median", "per_token_ms_p90", "io_ms", "compute_ms", "bytes_read_per_token",
                "model_bytes_resident", "rss_bytes", "ppl", "evicted_verified")
-# ours computes the FFN with the compiled TVM kernels on the bundles as read (the torch
-# backend decodes them first: ~110 ms of a ~330 ms token on the embedded model, one thread).
+# Beside CONFIG_KEYS in every row (None where a configuration has no such figure).
+EXTRA_KEYS = ("prefill_tokens_per_s", "peak_rss_bytes", "outside_ms_median", "ppl_source", "ids")
+# The Python engine's held-out perplexity (runtime_py.engine) is measured once beside the
+# compiled engine's, as the check that compiling kept the model's quality: it keeps the TVM
+# kernels on the bundles as read.
 BACKEND = "tvm"
-# What ours holds beside the non-FFN weights, as small as the engine allows: the predictor's
-# matrices in int8 (3.1 MB instead of 6.2 on SmolLM2; recall on held-out tokens 0.994 vs
-# 0.998), keys and values in fp16 as llama.cpp's default KV cache.
+# What the Python engine holds beside the non-FFN weights when it measures that perplexity:
+# the predictor's matrices in int8 (3.1 MB instead of 6.2 on SmolLM2; recall on held-out
+# tokens 0.994 vs 0.998).
 PREDICTOR_DRAM = "int8"
-KV_DTYPE = "float16"
-READ_AHEAD = 2             # layers (runtime_py.read_ahead)
+KV_DTYPE = "float16"       # as llama.cpp's default KV cache
+READ_AHEAD = 2             # layers (runtime_py.read_ahead, compile.app read_ahead)
 MIN_TOKENS = 32            # the issue's floor for per-token medians and p90
 DEFAULT_PROMPT = ("Write a long, detailed story about a lighthouse keeper who finds a message in a "
                   "bottle. Describe the sea, the weather and every day of the week that follows.")
-# Targets of the issue (ours against llama.cpp, same run).
-TARGETS = {"ours_over_llamacpp_ffn_cold": 0.5, "ours_over_llamacpp_cold": 0.35,
-           "ppl_rise_vs_llamacpp": 0.10, "resident_over_llamacpp_warm": 0.6}
+# Targets of the issue (same run): name -> (numerator config, its figure, denominator, its figure, limit).
+TARGETS = {
+    "ours_over_llamacpp_warm": ("ours", "per_token_ms_median", "llamacpp-warm", "per_token_ms_median", 1.2),
+    "ours_over_llamacpp_cold": ("ours", "per_token_ms_median", "llamacpp-cold", "per_token_ms_median", 0.25),
+    "dram_over_llamacpp_warm": ("ours", "model_bytes_resident", "llamacpp-warm", "model_bytes_resident", 0.6),
+    "native_peak_rss_over_llamacpp_rss": ("native", "peak_rss_bytes", "llamacpp-warm", "rss_bytes", 1.0),
+    "ppl_over_python_engine": ("ours", "ppl", "python-engine", "ppl", 1.02),
+}
 
 
 def available_dtypes() -> tuple[str, ...]:
@@ -70,8 +85,9 @@ def available_dtypes() -> tuple[str, ...]:
 
 
 def register(bench_sub) -> None:
-    p = bench_sub.add_parser("e2e", help="llama.cpp (warm, cold, FFN-cold) against the flash engine: "
-                                         "per-token ms, bytes, DRAM, perplexity (JSON + PNG)")
+    p = bench_sub.add_parser("e2e", help="llama.cpp (warm, cold, FFN-cold) against the compiled flash engine "
+                                         "(in-process and ripple-run): per-token ms, bytes, DRAM, RSS, "
+                                         "perplexity (JSON + PNG)")
     p.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M GGUF)")
     p.add_argument("--json", required=True, help="results JSON (a PNG is written beside it)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="one prompt, wrapped in the chat template")
@@ -83,10 +99,11 @@ def register(bench_sub) -> None:
     p.add_argument("--sparsity", type=float, help="profiled sparsity (default: the profile's choice)")
     p.add_argument("--profile", help="profile to use (with --record-inputs for predicted sets); "
                                      "default: profiled once into --cache-dir")
-    p.add_argument("--budget", type=float, default=0.10, help="ours' FFN cache, fraction of FFN bytes (default 0.10)")
+    p.add_argument("--budget", type=float, default=0.10,
+                   help="ours' DRAM for FFN weights (whole layers pinned), fraction of FFN bytes (default 0.10)")
     p.add_argument("--queue-depth", type=int, default=32)
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
-    p.add_argument("--cache-dir", default="build/cache/e2e", help="profile, predictor, layout, probe file")
+    p.add_argument("--cache-dir", default="build/cache/e2e", help="profile, predictor, layout, APPs, probe file")
     p.add_argument("--quick-probe", action="store_true", help="small storage probe and fio check (tests)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the configurations this many times in turn and report each figure's median "
@@ -214,100 +231,80 @@ def prepare_ours(path: Path, desc, cdir: Path, dtype: str, sparsity: float | Non
 
 # ---------------------------------------------------------------- workers (one process each)
 
-def _rss() -> int:
-    import psutil
-    return int(psutil.Process().memory_info().rss)
+def llama_prefill_ms(path: str, prompt_ids: list[int], threads: int, eviction: str) -> float:
+    """llama.cpp's prompt eval, timed alone in its own context: llamacpp_decode.decode does not
+    time it. The same eviction as the configuration's tokens, once before it."""
+    from .llamacpp_decode import open_llama
+    from .page_eviction import evict, gguf_tensor_ranges, whole_file
+    llm = open_llama(path, len(prompt_ids) + 1, threads)
+    try:
+        if eviction != "none":
+            evict(path, whole_file(path) if eviction == "file" else gguf_tensor_ranges(path))
+        t0 = time.perf_counter()
+        llm.eval(list(prompt_ids))
+        return (time.perf_counter() - t0) * 1e3
+    finally:
+        llm.close()
 
 
 def llama_worker(path: str, prompt_ids: list[int], tokens: int, threads: int, eviction: str,
                  seqs: list) -> dict:
+    from .bench_app import peak_rss, process_rss
     from .llamacpp_decode import decode, perplexity
+    python_rss = process_rss()                # this process before llama.cpp: the interpreter's share
+    prefill_ms = llama_prefill_ms(path, prompt_ids, threads, eviction)
     d = decode(path, prompt_ids, tokens, threads, eviction)
-    rss = _rss()
+    rss, peak = process_rss(), peak_rss()
     ppl = perplexity(path, seqs, threads) if seqs else None
     return {"token_ms": d.token_ms, "bytes_read": d.bytes_read, "resident_before": d.resident_before,
             "kv_bytes": d.kv_bytes, "evicted_verified": d.evicted_verified, "eviction_notes": d.eviction_notes,
-            "evicted_bytes": d.evicted_bytes, "rss_bytes": rss, "ppl": ppl, "tokens": d.tokens}
+            "evicted_bytes": d.evicted_bytes, "rss_bytes": rss, "peak_rss_bytes": peak,
+            "python_rss_bytes": python_rss, "prefill_ms": prefill_ms, "prefill_tokens": len(prompt_ids),
+            "ppl": ppl, "tokens": d.tokens}
 
 
-def ours_worker(setup: OursSetup, prompt_ids: list[int], tokens: int, threads: int, dense: bool,
-                seqs: list, queue_depth: int) -> dict:
-    """The engine (runtime_py.engine.generate/report) with the `ours` policy, or reading every
-    bundle (dense); per-token figures from its report, DRAM from what it holds."""
+def python_ppl_worker(setup: OursSetup, seqs: list, threads: int, queue_depth: int) -> float:
+    """Held-out perplexity of the Python engine (runtime_py.engine's FFN path) with the `ours`
+    policy: predicted sets (or the profile's oracle ones), the DRAM budget as pinned layers of
+    the whole copy and a bundle cache, layers read whole finding their own sets in the kernel.
+    The reference the compiled engine's perplexity is held to."""
     import numpy as np
     import torch
 
     from ..layout.reader import check_source, open_layout
     from ..layout.whole_copy import open_whole_copy
     from ..runtime_py.cache import BundleStore
-    from ..runtime_py.engine import IOStats, ffn_backend, generate, report
+    from ..runtime_py.engine import IOStats, ffn_backend
     from ..runtime_py.read_ahead import ReadAhead
     from ..runtime_py.reader import FlashReader
-    from ..runtime_py.strategies import STRATEGIES, build_cache, layer_planner
+    from ..runtime_py.strategies import build_cache
     from ..tuning.checkpoint import load_model
     from ..tuning.forward import quantizable_non_ffn, to_torch, to_torch_quantized
     from ..tuning.profile import load_profile, thresholds_at
     from ..tuning.sparsity import perplexity
     from .interface import set_policy
 
-    # The threads do the heavy work in the compiled kernels, on TVM's own pool (sized when TVM
-    # first runs one): the same count as every other configuration. Torch runs the small
-    # per-token ops in between on one thread: a second OpenMP pool spinning beside TVM's on
-    # the same cores made a token 3-5x slower (--threads 2 on 2 cores: 141 ms against 43).
+    # TVM's pool does the heavy work; a second OpenMP pool of torch's on the same cores made a
+    # token 3-5x slower (--threads 2 on 2 cores: 141 ms against 43).
     torch.set_num_threads(1)
     os.environ["TVM_NUM_THREADS"] = str(threads)
     desc = load_model(setup.model)
     layout = open_layout(setup.layout_dir)
     check_source(layout, desc.source_hash)
     meta = layout.manifest.meta
-    criterion = meta.get("criterion", "coef")
-    n = desc.d_ffn
-    store = None
-    # ours: the DRAM budget holds whole layers of the copy first (their reads are gone from every
-    # token), the bundle cache the rest; ours-dense reads every bundle, as its name says.
-    copy = open_whole_copy(layout.path.parent, desc.source_hash) if setup.whole_copy and not dense else None
+    copy = open_whole_copy(layout.path.parent, desc.source_hash) if setup.whole_copy else None
     pin = 0 if copy is None else setup.budget_bytes // copy.layer_bytes * copy.layer_bytes
-    if dense:
-        thresholds = np.full(desc.n_layers, -1.0)
-        label, policy = "all", None
-        planner = layer_planner(STRATEGIES["dense"], setup.storage, queue_depth, n)
-    else:
-        thresholds = thresholds_at(meta["grid"], meta["grid_thresholds"], setup.sparsity)
-        label, policy = set_policy(layout, desc, setup.sparsity, "predicted" if setup.predictor else "oracle",
-                                   setup.predictor, PREDICTOR_DRAM)
-        planner = layer_planner(setup.strategy, setup.storage, queue_depth, n)
-        cache = build_cache(setup.strategy, setup.budget_bytes - pin, layout.bundle_bytes, layout.perm,
-                            load_profile(setup.profile).masks("calib"))
-        store = BundleStore(cache)
-    # No FFN weight in DRAM (predicted sets, misses not measured; dense needs no scores);
-    # attention and embedding/LM head as the GGUF stores them (Q4_1/Q8_0 blocks, compiled
-    # GEMVs; issue 11), bf16 for other sources. The float32 arrays load_model built are
-    # dropped with desc.
+    thresholds = thresholds_at(meta["grid"], meta["grid_thresholds"], setup.sparsity)
+    _, policy = set_policy(layout, desc, setup.sparsity, "predicted" if setup.predictor else "oracle",
+                           setup.predictor, PREDICTOR_DRAM)
+    store = BundleStore(build_cache(setup.strategy, setup.budget_bytes - pin, layout.bundle_bytes, layout.perm,
+                                    load_profile(setup.profile).masks("calib")))
     tm = to_torch_quantized(desc) if quantizable_non_ffn(desc) else to_torch(desc, torch.bfloat16, ffn=False)
-    n_neurons = desc.n_layers * n
-    del desc
-    # Layers read whole (every one when dense, else those whose last plan read nearly all of
-    # their region) are read READ_AHEAD layers early, overlapping the compute in between.
     with FlashReader(layout.path, queue_depth) as reader, \
-            ReadAhead(layout, queue_depth, READ_AHEAD, "all" if dense else "auto", store=store,
-                      whole_copy=copy, pin_bytes=pin) as ahead:
-        gen = generate(tm, layout, reader, thresholds, criterion, prompt_ids, tokens, None, BACKEND,
-                       policy, planner, store, measure_misses=False, kv_dtype=getattr(torch, KV_DTYPE),
-                       ahead=ahead)
-        rep = report(gen, reader, n_neurons, label)
-        rss = _rss()
-        # The same FFN path as the tokens above: layers read whole find their own sets.
-        ppl = perplexity(tm, [np.asarray(s, np.int64) for s in seqs],
-                         ffn_backend(BACKEND)(tm, layout, reader, thresholds, criterion, IOStats(), sets=policy,
-                                              measure_misses=False, ahead=ahead)) if seqs else None
-    return {"token_ms": rep["token_ms"], "io_ms": rep["io"]["per_token_ms"],
-            "bytes_read": rep["io"]["bytes_read_per_token"], "bytes_needed": rep["io"]["bytes_needed_per_token"],
-            "summary": rep["summary"], "o_direct": reader.o_direct, "fallback_reason": reader.fallback_reason,
-            "sets": label, "rss_bytes": rss, "ppl": ppl, "tokens": gen.tokens,
-            "resident": rep["resident"],      # runtime_py.resident.resident_bytes: what it holds
-            # Read whole ahead: their sets found in the kernel among all bundles (tvm_ffn).
-            "layers_read_whole": int(ahead.whole.sum()),
-            "whole_copy": copy is not None, "layers_pinned": len(ahead.pinned)}
+            ReadAhead(layout, queue_depth, READ_AHEAD, "auto", store=store, whole_copy=copy, pin_bytes=pin) as ahead:
+        return float(perplexity(tm, [np.asarray(s, np.int64) for s in seqs],
+                                ffn_backend(BACKEND)(tm, layout, reader, thresholds, meta.get("criterion", "coef"),
+                                                     IOStats(), sets=policy, measure_misses=False, ahead=ahead)))
 
 
 def _in_process(fn, *args):
@@ -323,35 +320,50 @@ def _pct(xs, q) -> float:
     return float(np.percentile(np.asarray(xs, float), q)) if len(xs) else float("nan")
 
 
+def _round(v, nd=3):
+    return None if v is None else round(float(v), nd)
+
+
 def config_row(name: str, raw: dict, warm_ms: float | None) -> dict:
-    """The issue's nine figures for one configuration from its worker's raw measurements.
-    llama.cpp does not time its I/O apart: its io_ms is the per-token time above
-    llamacpp-warm's (the page-fault stall) and its compute_ms llamacpp-warm's."""
+    """The issue's figures for one configuration from its worker's raw measurements
+    (CONFIG_KEYS, then EXTRA_KEYS). llama.cpp does not time its I/O apart: its io_ms is the
+    per-token time above llamacpp-warm's (the page-fault stall) and its compute_ms
+    llamacpp-warm's. The APP's io_ms is the time its decode call waited for reads (the
+    runtime's counters) and its compute_ms the rest of the call."""
+    import numpy as np
     med = _pct(raw["token_ms"], 50)
+    outside = None
     if name.startswith("llamacpp"):
         warm = med if name == "llamacpp-warm" else warm_ms
         io = 0.0 if name == "llamacpp-warm" else (None if warm is None else max(med - warm, 0.0))
         compute = warm
         resident = int(_pct(raw["resident_before"], 50)) + int(raw["kv_bytes"])
         verified = raw["evicted_verified"]
+        source = None if raw["ppl"] is None else "llama.cpp's own logits (logits_all), each held-out sequence " \
+                                                 "from an empty context"
     else:
         io = _pct(raw["io_ms"], 50)
-        compute = raw["summary"]["compute_ms_median"]
-        r = raw["resident"]
-        resident = int(r["total"])
+        compute = _pct(np.subtract(raw["token_ms"], raw["io_ms"]), 50)
+        resident = int(raw["resident"]["total"])
         # O_DIRECT bypasses the page cache: every byte a token reads comes from the disk.
         verified = bool(raw["o_direct"])
+        source = raw["ppl_source"]
+        outside = None if raw.get("outside_ms") is None else _pct(raw["outside_ms"], 50)
+    prefill = raw.get("prefill_ms")
     return {"per_token_ms_median": round(med, 3), "per_token_ms_p90": round(_pct(raw["token_ms"], 90), 3),
-            "io_ms": None if io is None else round(io, 3), "compute_ms": None if compute is None else round(compute, 3),
+            "io_ms": _round(io), "compute_ms": _round(compute),
             "bytes_read_per_token": int(_pct(raw["bytes_read"], 50)), "model_bytes_resident": resident,
-            "rss_bytes": int(raw["rss_bytes"]), "ppl": None if raw["ppl"] is None else round(float(raw["ppl"]), 4),
-            "evicted_verified": verified}
+            "rss_bytes": int(raw["rss_bytes"]), "ppl": _round(raw["ppl"], 4), "evicted_verified": verified,
+            "prefill_tokens_per_s": None if not prefill else round(raw["prefill_tokens"] / prefill * 1e3, 2),
+            "peak_rss_bytes": None if raw.get("peak_rss_bytes") is None else int(raw["peak_rss_bytes"]),
+            "outside_ms_median": _round(outside, 4), "ppl_source": source,
+            "ids": [int(i) for i in raw["tokens"]]}
 
 
 def median_rounds(rounds: list[dict]) -> dict:
     """One row per configuration from its rows of several rounds: each figure's median over
-    the rounds (perplexity is measured in the first round only: it is the same every time);
-    eviction verified only if it was in every round."""
+    the rounds (perplexity is measured in the first round only: it is the same every time; the
+    ids and texts are the first round's); eviction verified only if it was in every round."""
     import numpy as np
     out = {}
     for name in rounds[0]:
@@ -361,7 +373,7 @@ def median_rounds(rounds: list[dict]) -> dict:
             vals = [x[k] for x in rows if x[k] is not None]
             if k == "evicted_verified":
                 row[k] = None if any(x[k] is None for x in rows) else all(x[k] for x in rows)
-            elif k == "ppl" or not vals:
+            elif k in ("ppl", "ppl_source", "ids") or not vals or not isinstance(vals[0], (int, float)):
                 row[k] = v
             else:
                 m = float(np.median(vals))
@@ -372,44 +384,39 @@ def median_rounds(rounds: list[dict]) -> dict:
 
 def assemble(model: str, prompt_tokens: int, threads: int, fio: dict, raw: dict) -> dict:
     """The JSON of the issue: {"model", "prompt_tokens", "threads", "fio", "configs": {NAME: the
-    nine figures}}; `raw` maps configuration names to their workers' measurements."""
+    figures}}; `raw` maps configuration names to their workers' measurements."""
     warm = _pct(raw["llamacpp-warm"]["token_ms"], 50) if "llamacpp-warm" in raw else None
     configs = {name: config_row(name, raw[name], warm) for name in CONFIGS if name in raw}
     return {"model": model, "prompt_tokens": int(prompt_tokens), "threads": int(threads), "fio": fio,
             "configs": configs}
 
 
-def targets(configs: dict) -> dict:
-    """The issue's targets, each as the measured ratio and whether it is met (None: a side missing)."""
-    def ratio(a, b, key):
-        if a in configs and b in configs and configs[b][key]:
-            return configs[a][key] / configs[b][key]
-        return None
+def targets(configs: dict, ppl_python: float | None = None) -> dict:
+    """The issue's targets (TARGETS), each as the measured ratio, the limit and whether it is
+    met (None: a side was not measured). `python-engine` is the Python engine's perplexity."""
+    rows = dict(configs)
+    if ppl_python is not None:
+        rows["python-engine"] = {"ppl": ppl_python}
     out = {}
-    for key, (b, field, limit) in {
-            "ours_over_llamacpp_ffn_cold": ("llamacpp-ffn-cold", "per_token_ms_median", TARGETS["ours_over_llamacpp_ffn_cold"]),
-            "ours_over_llamacpp_cold": ("llamacpp-cold", "per_token_ms_median", TARGETS["ours_over_llamacpp_cold"]),
-            "resident_over_llamacpp_warm": ("llamacpp-warm", "model_bytes_resident", TARGETS["resident_over_llamacpp_warm"])}.items():
-        r = ratio("ours", b, field)
-        out[key] = {"ratio": None if r is None else round(r, 3), "target": limit,
-                    "met": None if r is None else bool(r <= limit)}
-    r = ratio("ours", "llamacpp-warm", "ppl")
-    out["ppl_rise_vs_llamacpp"] = {"ratio": None if r is None else round(r - 1, 4),
-                                   "target": TARGETS["ppl_rise_vs_llamacpp"],
-                                   "met": None if r is None else bool(r - 1 <= TARGETS["ppl_rise_vs_llamacpp"])}
+    for key, (a, fa, b, fb, limit) in TARGETS.items():
+        num = rows.get(a, {}).get(fa)
+        den = rows.get(b, {}).get(fb)
+        r = None if num is None or not den else num / den
+        out[key] = {"ratio": None if r is None else round(r, 4), "target": limit,
+                    "met": None if r is None else bool(r <= limit), "of": f"{a}.{fa} / {b}.{fb}"}
     return out
 
 
 def bytes_by_sparsity(grid, ffn_bytes: int, seq_bytes_per_s: float, configs: dict) -> list[dict]:
     """Per profiled sparsity: the FFN bytes a token needs, the least time this disk (its
     sequential bandwidth, measured in this run) takes for them, and ours' floor beside the
-    targets' per-token times. Ours reads ahead (runtime_py.read_ahead), so its reads overlap
-    its compute and a token takes at least the longer of the two, not their sum; the same
-    floor is given with llama.cpp's compute (its warm per-token time) and exact sets."""
+    targets' per-token times. Ours reads ahead, so its reads overlap its compute and a token
+    takes at least the longer of the two, not their sum; the same floor is given with
+    llama.cpp's compute (its warm per-token time) and exact sets."""
     ours = configs.get("ours", {})
     compute = ours.get("compute_ms")
     llama_compute = configs.get("llamacpp-warm", {}).get("compute_ms")
-    t_ffn = configs.get("llamacpp-ffn-cold", {}).get("per_token_ms_median")
+    t_warm = configs.get("llamacpp-warm", {}).get("per_token_ms_median")
     t_cold = configs.get("llamacpp-cold", {}).get("per_token_ms_median")
     rows = []
     for s in grid:
@@ -421,10 +428,10 @@ def bytes_by_sparsity(grid, ffn_bytes: int, seq_bytes_per_s: float, configs: dic
                      "ours_floor_ms": None if floor is None else round(floor, 3),
                      "floor_ms_with_llamacpp_compute": None if llama_compute is None
                      else round(max(io_ms, llama_compute), 3),
-                     "meets_ffn_cold_target": None if floor is None or t_ffn is None
-                     else bool(floor <= TARGETS["ours_over_llamacpp_ffn_cold"] * t_ffn),
+                     "meets_warm_target": None if floor is None or t_warm is None
+                     else bool(floor <= TARGETS["ours_over_llamacpp_warm"][-1] * t_warm),
                      "meets_cold_target": None if floor is None or t_cold is None
-                     else bool(floor <= TARGETS["ours_over_llamacpp_cold"] * t_cold)})
+                     else bool(floor <= TARGETS["ours_over_llamacpp_cold"][-1] * t_cold)})
     return rows
 
 
@@ -487,10 +494,19 @@ def bench_e2e_cmd(model: str | None = None, json_out: str | None = None, prompt:
            "probe_seq_MBps": round(storage.seq_MBps, 1), "probe_engine": probe.engine,
            "probe": "ripple probe storage" + (" --quick" if quick_probe else "")}
 
-    setup = None
-    if any(c.startswith("ours") for c in configs):
+    setup, apps, app_info, ppl_python = None, {}, {}, None
+    if any(c in APP_CONFIGS for c in configs):
+        from . import bench_app
         setup = prepare_ours(path, desc, cdir, dtype, sparsity, budget, queue_depth, storage, profile)
         profile = setup.profile
+        # The APP plans its reads with this run's disk: the probe as a device profile file.
+        storage_file = bench_app.save_storage(storage, cdir, setup.budget_bytes,
+                                              {"probe": fio["probe"], "engine": probe.engine})
+        wanted = bench_app.recipes(setup.layout_dir, setup.whole_copy, setup.budget_bytes, storage_file,
+                                   KV_DTYPE, configs)
+        apps = bench_app.prepare_apps(str(path), cdir, wanted, desc.source_hash, setup.predictor,
+                                      queue_depth, READ_AHEAD)
+        app_info = {name: bench_app.describe(apps[name], wanted[name]) for name in apps}
     elif profile is None:
         raise BenchError("the llama.cpp configurations alone still need the held-out text: pass --profile")
     prof = load_profile(profile)
@@ -507,47 +523,70 @@ def bench_e2e_cmd(model: str | None = None, json_out: str | None = None, prompt:
         if name in LLAMA_EVICTION:
             raw[name] = _in_process(llama_worker, str(llama_path), prompt_ids, tokens, threads,
                                     LLAMA_EVICTION[name], held)
+        elif name == "native":
+            raw[name] = bench_app.native_worker(apps[name], prompt_ids, tokens, threads)
         else:
-            raw[name] = _in_process(ours_worker, setup, prompt_ids, tokens, threads, name == "ours-dense",
-                                    held, queue_depth)
+            raw[name] = _in_process(bench_app.app_worker, apps[name], prompt_ids, tokens, threads, held)
         n_done = len(raw[name]["token_ms"])
         if n_done < tokens and r == 0:
             notes.append(f"{name}: the model ended its answer after {n_done} tokens (EOS); use a longer prompt")
+    if "ours" in configs:
+        print("bench e2e: the Python engine's held-out perplexity (the compiled engine's reference)",
+              file=sys.stderr)
+        ppl_python = _in_process(python_ppl_worker, setup, seqs, threads, queue_depth)
     rows = [assemble(desc.name or path.name, len(prompt_ids), threads, fio, raw)["configs"] for raw in per_round]
     raw = per_round[0]
     out = assemble(desc.name or path.name, len(prompt_ids), threads, fio, raw)
     if rounds > 1:
         out["configs"] = median_rounds(rows)
+    out["ppl_python_engine"] = None if ppl_python is None else {
+        "ppl": round(ppl_python, 4), "source": "runtime_py.engine's FFN path (TVM kernels on the flash file), "
+        f"{setup.dtype} at sparsity {setup.sparsity:g}, {'predicted' if setup.predictor else 'oracle'} sets, "
+        "the same held-out sequences"}
     for name, r in raw.items():
         if name in LLAMA_EVICTION and r["evicted_verified"] is False:
             notes.append(f"{name}: EVICTION NOT VERIFIED by mincore: {'; '.join(r['eviction_notes'])}")
-        if not name.startswith("llamacpp") and not r["o_direct"]:
+        if name in APP_CONFIGS and not r["o_direct"]:
             notes.append(f"{name}: O_DIRECT refused ({r['fallback_reason']}); reads may hit the page cache")
+    for name, row in out["configs"].items():
+        if name in LLAMA_EVICTION and len(row["ids"]) > 1 and len(set(row["ids"])) == 1:
+            notes.append(f"{name}: decoded id {row['ids'][0]} at every step: llama.cpp's scores were not "
+                         "filled (llamacpp_decode reads llm.scores, which this llama-cpp-python leaves at zero "
+                         "without logits_all); each step is still one real decode of one token")
+    if "ours" in out["configs"] and "native" in out["configs"] \
+            and out["configs"]["ours"]["ids"] != out["configs"]["native"]["ids"]:
+        notes.append("ours and native decoded different ids from the same APP and prompt")
 
     # What the ratios rest on, and why a target is or is not reached on this model.
     ffn_ranges = gguf_tensor_ranges(llama_path)
     gguf_ffn = int(ffn_ranges[:, 1].sum())
     file_bytes = llama_path.stat().st_size
     details = {"dtype": dtype if setup else None, "tokens": tokens, "sparsity": setup.sparsity if setup else None,
-               "sets": raw["ours"]["sets"] if "ours" in raw else None,
                "gguf_bytes": file_bytes, "gguf_ffn_bytes": gguf_ffn, "gguf_non_ffn_bytes": file_bytes - gguf_ffn,
-               "load_average": os.getloadavg()[0], "seconds": None}
+               "load_average": os.getloadavg()[0], "tvm_bind_threads": os.environ.get("TVM_BIND_THREADS"),
+               "seconds": None, "apps": app_info}
     for name, r in raw.items():
-        details[name] = {k: r[k] for k in ("resident", "summary", "eviction_notes", "evicted_bytes", "sets",
-                                           "layers_read_whole", "whole_copy", "layers_pinned") if k in r}
-    if "ours" in raw:
-        details["ours_dram_forms"] = {"predictor": PREDICTOR_DRAM, "kv_cache": KV_DTYPE}
-        notes.append("ours' model_bytes_resident is the engine's own sum of what it holds "
-                     "(runtime_py.resident): attention and embedding/LM-head weights as the GGUF stores "
-                     "them (Q4_1/Q8_0 blocks, multiplied by compiled GEMVs; bf16 if the GGUF holds "
-                     "other types: details.ours.resident.non_ffn_dtypes says which), norms in fp32, no "
-                     "FFN weight (predicted sets, misses not measured), the FFN cache, the predictor "
-                     f"({PREDICTOR_DRAM}) and the KV cache ({KV_DTYPE}, as llama.cpp's)")
+        details[name] = {k: r[k] for k in ("resident", "eviction_notes", "evicted_bytes", "sets", "threads",
+                                           "python_rss_bytes") if k in r}
+    if apps:
+        notes.append("ours' and native's model_bytes_resident is what the APP holds (AppSession.dram_bytes, "
+                     "ripple-run's dram_bytes): params (attention and embedding/LM-head weights as the GGUF "
+                     "stores them, norms, the predictor), the KV cache (float16, as llama.cpp's), the whole "
+                     "layers pinned by the DRAM budget and the runtime's read buffers; rss_bytes and "
+                     "peak_rss_bytes are the whole process's (ours: a Python process with TVM; native: "
+                     "ripple-run, no Python)")
+        notes.append("ours io_ms is the decode call's wait for reads (the runtime's counters), compute_ms the "
+                     "rest of the call; outside_ms_median the per-token time in Python outside the library "
+                     "(AppSession); ppl_over_python_engine holds the compiled engine's perplexity to the Python "
+                     "engine's on the same text (a layer read whole computes every neuron, so below 1 is expected)")
     if any(c.startswith("llamacpp") for c in raw):
         notes.append("llama.cpp io_ms = its per-token ms above llamacpp-warm's (page-fault stall); "
                      "compute_ms = llamacpp-warm's; bytes_read_per_token from /proc/self/io; "
                      "model_bytes_resident = the GGUF's bytes in the page cache when a token starts "
-                     "(mincore) + its f16 KV cache at the same context length")
+                     "(mincore) + its f16 KV cache at the same context length; its rss_bytes include the "
+                     "Python interpreter around it (details.llamacpp-*.python_rss_bytes, measured before "
+                     "llama.cpp loaded); prefill_tokens_per_s from one prompt eval timed alone, after the "
+                     "configuration's eviction")
     if setup is not None:
         ffn_bytes = desc.n_layers * desc.d_ffn * _bundle_bytes(setup.layout_dir)
         details["bytes_by_sparsity"] = bytes_by_sparsity(prof.grid, ffn_bytes, storage.seq_bytes_per_s,
@@ -556,7 +595,7 @@ def bench_e2e_cmd(model: str | None = None, json_out: str | None = None, prompt:
         details["storage_table"] = storage.to_json()
         details["strategy"] = setup.strategy.describe()
         details["strategy_tuning"] = setup.tuning
-    out["targets"] = targets(out["configs"])
+    out["targets"] = targets(out["configs"], ppl_python)
     if rounds > 1:
         details["rounds"] = rows
         details["latency_ratios_per_round"] = [
@@ -579,12 +618,20 @@ def _bundle_bytes(layout_dir: str) -> int:
 
 def ours_label(d: dict) -> str:
     """How ours ran, for the plot's title and the table's header."""
-    label = f"{d.get('dtype')} at sparsity {d.get('sparsity')} ({d.get('sets')} sets)"
-    o = d.get("ours", {})
-    if o.get("whole_copy"):
-        label += (f", {o.get('layers_read_whole')} layers read whole from the GGUF's own blocks, "
-                  f"{o.get('layers_pinned')} of them pinned")
+    a = d.get("apps", {}).get("ours")
+    if not a:
+        return "not run"
+    layers, io = a["layers"], a["io"]
+    label = f"compiled {d.get('dtype')} APP, {len(layers['whole'])} layers read whole"
+    if layers["pinned_whole"]:
+        label += f" ({len(layers['pinned_whole'])} pinned in {io['pinned_bytes'] / 1e6:.1f} MB)"
+    if layers["sparse"]:
+        label += f", {len(layers['sparse'])} sparse at {a['sparsity']:g} ({a['sets']} sets)"
     return label
+
+
+def _mb(v) -> float:
+    return 0.0 if v is None else v / 1e6
 
 
 def plot(r: dict, path: str) -> None:
@@ -594,7 +641,7 @@ def plot(r: dict, path: str) -> None:
 
     c = r["configs"]
     names = list(c)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     ax = axes[0]
     io = [c[k]["io_ms"] or 0.0 for k in names]
     comp = [c[k]["compute_ms"] or 0.0 for k in names]
@@ -610,19 +657,23 @@ def plot(r: dict, path: str) -> None:
     ax.set_title("per-token latency", fontsize=10)
     ax.legend(fontsize=8)
     ax = axes[1]
-    res = [c[k]["model_bytes_resident"] / 1e6 for k in names]
-    rss = [c[k]["rss_bytes"] / 1e6 for k in names]
     x = range(len(names))
-    ax.bar([i - 0.2 for i in x], res, width=0.4, color="#3a3", label="model bytes resident")
-    ax.bar([i + 0.2 for i in x], rss, width=0.4, color="#999", label="process RSS")
+    ax.bar([i - 0.27 for i in x], [_mb(c[k]["model_bytes_resident"]) for k in names], width=0.27, color="#3a3",
+           label="model bytes resident")
+    ax.bar(list(x), [_mb(c[k]["rss_bytes"]) for k in names], width=0.27, color="#999", label="process RSS")
+    ax.bar([i + 0.27 for i in x], [_mb(c[k]["peak_rss_bytes"]) for k in names], width=0.27, color="#555",
+           label="peak RSS")
     ax.set_xticks(list(x), names)
     ax.set_ylabel("MB")
     ax.set_title("DRAM", fontsize=10)
     ax.legend(fontsize=8)
     ax = axes[2]
-    ppl = [c[k]["ppl"] for k in names]
-    ax.bar(names, ppl, color="#888")
-    for xx, v in zip(names, ppl):
+    measured = [k for k in names if c[k]["ppl"] is not None]
+    bars = {k: c[k]["ppl"] for k in measured}
+    if r.get("ppl_python_engine"):
+        bars["python engine"] = r["ppl_python_engine"]["ppl"]
+    ax.bar(list(bars), list(bars.values()), color="#888")
+    for xx, v in bars.items():
         ax.annotate(f"{v:.2f}", (xx, v), ha="center", va="bottom", fontsize=8)
     ax.set_title("held-out perplexity", fontsize=10)
     for a in axes:
@@ -645,23 +696,26 @@ def print_table(r: dict) -> None:
     print(f"disk: fio seq {f.get('seq_MBps')} MB/s, probe seq {f.get('probe_seq_MBps')} MB/s; " + ", ".join(
         f"{'seq' if c['sequential'] else 'rand'} {c['size'] >> 10}K qd{c['qd']} fio {c['fio_MBps']:.0f} MB/s"
         for c in f.get("checks", [])))
-    print(f"{'config':>18} {'ms med':>8} {'ms p90':>8} {'io ms':>7} {'cpu ms':>7} {'MB read':>8} "
-          f"{'MB resid':>9} {'MB rss':>8} {'ppl':>8} {'evicted':>8}")
+    print(f"{'config':>18} {'ms med':>8} {'ms p90':>8} {'io ms':>7} {'cpu ms':>7} {'out ms':>7} {'MB read':>8} "
+          f"{'MB resid':>9} {'MB rss':>8} {'MB peak':>8} {'pfill t/s':>9} {'ppl':>8} {'evicted':>8}")
     fmt = lambda v, s: "-" if v is None else format(v, s)  # noqa: E731
     for k, v in r["configs"].items():
         print(f"{k:>18} {v['per_token_ms_median']:8.2f} {v['per_token_ms_p90']:8.2f} {fmt(v['io_ms'], '7.2f')} "
-              f"{fmt(v['compute_ms'], '7.2f')} {v['bytes_read_per_token'] / 1e6:8.2f} "
-              f"{v['model_bytes_resident'] / 1e6:9.1f} {v['rss_bytes'] / 1e6:8.1f} {v['ppl']:8.3f} "
-              f"{str(v['evicted_verified']):>8}")
+              f"{fmt(v['compute_ms'], '7.2f')} {fmt(v['outside_ms_median'], '7.3f')} "
+              f"{v['bytes_read_per_token'] / 1e6:8.2f} {v['model_bytes_resident'] / 1e6:9.1f} "
+              f"{v['rss_bytes'] / 1e6:8.1f} {fmt(v['peak_rss_bytes'] and v['peak_rss_bytes'] / 1e6, '8.1f')} "
+              f"{fmt(v['prefill_tokens_per_s'], '9.1f')} {fmt(v['ppl'], '8.3f')} {str(v['evicted_verified']):>8}")
+    if r.get("ppl_python_engine"):
+        print(f"{'python engine':>18} ppl {r['ppl_python_engine']['ppl']:.3f} ({r['ppl_python_engine']['source']})")
     for k, t in r.get("targets", {}).items():
         status = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT met")
-        print(f"target {k}: {t['ratio']} (<= {t['target']}) {status}")
+        print(f"target {k} ({t['of']}): {t['ratio']} (<= {t['target']}) {status}")
     for row in d.get("bytes_by_sparsity", []):
         llama = row.get("floor_ms_with_llamacpp_compute")
         print(f"  sparsity {row['sparsity']:.2f}: {row['bytes_needed_per_token'] / 1e6:6.2f} MB/token, "
               f">= {row['io_ms_at_seq_bw']:.2f} ms at the measured sequential bandwidth"
               + ("" if llama is None else f"; overlapped with llama.cpp's compute: {llama:.2f} ms"))
     for n in r.get("notes", []):
-        print(("WARNING: " if "NOT VERIFIED" in n else "note: ") + n)
+        print(("WARNING: " if "NOT VERIFIED" in n or "different ids" in n else "note: ") + n)
     if "png" in r:
         print(f"plot: {r['png']}")

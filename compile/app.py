@@ -40,7 +40,7 @@ from .app_params import matrix_kinds, model_params, write_params
 from .elf import read_elf
 from .ffn import VIEW_DTYPE
 from .model_graph import FETCH, FUNCTIONS, LAYER_SPARSE, LAYER_WHOLE, WHOLE, DecodeSpec, WholeParts, decode_module
-from .runtime_config import RuntimeConfig, write_runtime_config
+from .runtime_config import RuntimeConfig, block_crc_tables, write_runtime_config
 from .targets import export_library, make_target, target_dict
 
 APP_FILE, LIBRARY, RUNTIME_LIBRARY, CONFIG_FILE = "app.json", "model.so", "libripple_runtime.so", "runtime.bin"
@@ -60,7 +60,7 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
               budget_mb: float = 0.0, collapse_gap_bytes: int = 0, max_request_bytes: int = REQUEST_BYTES,
               storage_file: str | None = None, whole_layers: str = "auto",
               sets: str | None = None, sparsity: float | None = None, o_direct: bool = True,
-              progress=None) -> dict:
+              verify: bool = False, progress=None) -> dict:
     """Write APP/ (see the module) for `target`; returns app.json's contents.
     budget_mb: DRAM for whole layers of the whole copy, read once at open (the last layers
     that fit); collapse_gap_bytes, max_request_bytes: the planner's rule, from the device
@@ -139,6 +139,9 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
             pinned_layers=pinned, pinned_bundles=[np.zeros(0, np.int32) for _ in range(L)],
             sets_all=predictor is None, queue_depth=queue_depth, read_ahead=read_ahead,
             collapse_gap_bytes=gap, max_request_bytes=request, o_direct=o_direct)
+        if verify:
+            cfg.verify = True
+            cfg.bundle_crc32, cfg.whole_crc32 = block_crc_tables(layout, copy)
         write_runtime_config(tmp / CONFIG_FILE, cfg)
         step("building the native runtime and runner")
         files = _natives(target, tmp)
@@ -171,7 +174,7 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
             "sparsity": float(meta.get("sparsity", 0.0)), "criterion": spec.keep,
             "bundle": asdict(layout.spec), "knobs": spec.knobs.to_dict(), "kv_dtype": kv_dtype,
             "io": {"queue_depth": queue_depth, "read_ahead": read_ahead, "collapse_gap_bytes": gap,
-                   "max_request_bytes": request, "o_direct": o_direct,
+                   "max_request_bytes": request, "o_direct": o_direct, "verify": verify,
                    "storage_profile": STORAGE_FILE if storage_file is not None else None,
                    "budget_bytes": int(budget_mb * (1 << 20)),
                    "pinned_bytes": int(pinned.sum()) * (copy.layer_bytes if copy is not None else 0)},

@@ -219,3 +219,19 @@ def test_generate_with_an_app_missing_its_json_is_one_line(capsys, tmp_path):
     rc = main(["generate", "--app", str(tmp_path / "app")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "app.json" in err
+
+
+def test_compile_verify_makes_the_runtime_refuse_a_changed_flash_file(opt_app, tmp_path):
+    _, layout, _ = opt_app
+    app = tmp_path / "app"
+    build_app(str(layout), str(app), verify=True)
+    assert json.loads((app / APP_FILE).read_text())["io"]["verify"] is True
+    with AppSession(app) as s:
+        s.generate([2, 3], 3)                     # clean: reads pass their checks
+    with open(app / "model.rflash", "r+b") as f:
+        f.seek(4096 + 100)
+        b = f.read(1)
+        f.seek(4096 + 100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with AppSession(app) as s, pytest.raises(Exception, match="does not match its checksum"):
+        s.generate([2, 3], 3)
