@@ -550,12 +550,17 @@ def bench_e2e_cmd(model: str | None = None, json_out: str | None = None, prompt:
             notes.append(f"{name}: O_DIRECT refused ({r['fallback_reason']}); reads may hit the page cache")
     for name, row in out["configs"].items():
         if name in LLAMA_EVICTION and len(row["ids"]) > 1 and len(set(row["ids"])) == 1:
-            notes.append(f"{name}: decoded id {row['ids'][0]} at every step: llama.cpp's scores were not "
-                         "filled (llamacpp_decode reads llm.scores, which this llama-cpp-python leaves at zero "
-                         "without logits_all); each step is still one real decode of one token")
+            notes.append(f"{name}: decoded id {row['ids'][0]} at every step; check llamacpp_decode.last_logits "
+                         "against this llama-cpp-python")
     if "ours" in out["configs"] and "native" in out["configs"] \
             and out["configs"]["ours"]["ids"] != out["configs"]["native"]["ids"]:
         notes.append("ours and native decoded different ids from the same APP and prompt")
+    if "ours" in out["configs"] and "llamacpp-warm" in out["configs"]:
+        a, b = out["configs"]["ours"]["ids"], out["configs"]["llamacpp-warm"]["ids"]
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        out["ids_same_as_llamacpp_prefix"] = same
+        notes.append(f"ours and llama.cpp (warm) decoded the same first {same} of {min(len(a), len(b))} ids "
+                     "(greedy, same GGUF blocks; the sums' order differs)")
 
     # What the ratios rest on, and why a target is or is not reached on this model.
     ffn_ranges = gguf_tensor_ranges(llama_path)

@@ -85,6 +85,13 @@ def kv_bytes(path: str, n_tokens: int, bytes_per_value: int = 2) -> int:
     return 2 * layers * n_tokens * kv_heads * (d // heads) * bytes_per_value
 
 
+def last_logits(llm) -> np.ndarray:
+    """The logits of the last token evaluated. `llm.scores` holds them only with logits_all:
+    without it, llama-cpp-python 0.3.36 leaves the row zero, and argmax then says token 0."""
+    import llama_cpp
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+
+
 def decode(path: str, prompt_ids: list[int], n_tokens: int, threads: int, eviction: str = "none",
            progress=None) -> LlamaDecode:
     """Greedy decoding of n_tokens after the prompt (EOS does not stop it: every
@@ -100,7 +107,7 @@ def decode(path: str, prompt_ids: list[int], n_tokens: int, threads: int, evicti
         llm.eval(list(prompt_ids))
         verified = []
         for _ in range(n_tokens):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            nxt = int(np.argmax(last_logits(llm)))
             out.tokens.append(nxt)
             if ranges is not None:
                 ev = evict(path, ranges)
