@@ -1,7 +1,7 @@
 """`ripple compile` and `ripple generate` on the compiled engine: one function per verb.
 
 compile_cmd: a layout folder (or a checkpoint, through the offline steps `make demo` runs, with
-their defaults) -> APP/ (compile.app). generate_app_cmd: an APP folder loaded here
+their defaults) -> APP/ (app_build). generate_app_cmd: an APP folder loaded here
 (runtime_py.app_session), a prompt tokenized, greedy ids decoded by the library and the
 native runtime, per-token figures and the time spent outside the library reported.
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic_file import write_json
-from ..compile.app import REQUEST_BYTES, AppError, build_app
+from ..compile.app_files import AppError
+from .app_build import REQUEST_BYTES, build_app
 
 STEPS = ("profile", "place", "pack", "train-predictor")
 

@@ -1,4 +1,4 @@
-"""The compiled engine in `ripple bench e2e`: APP folders (compile.app) built from the bench's
+"""The compiled engine in `ripple bench e2e`: APP folders (android_host.app_build) built from the bench's
 `ours` layout and cached beside it, run in a Python process through AppSession (`ours`,
 `ours-dense`) or by the native runner APP/ripple-run, with no Python in its process (`native`);
 held-out perplexity from the APP's own logits, one decode call per token.
@@ -35,10 +35,10 @@ RUNNER_TIMEOUT_S = 1800
 class AppRecipe:
     """What one APP folder is built from; its cache key is made of exactly these."""
     layout_dir: str
-    budget_mb: float              # whole layers pinned in DRAM (compile.app._pinned_layers)
+    budget_mb: float              # whole layers pinned in DRAM (app_build._pinned_layers)
     storage_file: str             # device profile the collapse rule comes from (app_cmds.storage_rule)
     kv_dtype: str
-    whole_layers: str             # compile.app.WHOLE_LAYERS
+    whole_layers: str             # app_build.WHOLE_LAYERS
     sets: str | None              # None: predicted when the layout has a predictor
 
     def key(self) -> str:
@@ -84,7 +84,8 @@ def prepare_apps(model: str, cdir: Path, wanted: dict, source_hash: str, predict
                  queue_depth: int, read_ahead: int) -> dict:
     """APP folder per configuration (name -> path), built when missing or unreadable; APPs of
     this checkpoint that no configuration of this run uses are removed."""
-    from ..compile.app import AppError, build_app, load_app_json
+    from ..compile.app_files import AppError, load_app_json
+    from .app_build import build_app
     from ..tuning.predictor import PREDICTOR_FILE
     from .app_cmds import storage_rule
     dirs = {name: app_path(cdir, r) for name, r in wanted.items()}
@@ -105,7 +106,7 @@ def prepare_apps(model: str, cdir: Path, wanted: dict, source_hash: str, predict
             continue
         except AppError:
             shutil.rmtree(out, ignore_errors=True)
-        # compile.app finds the predictor in the layout folder, as `ripple train-predictor --out
+        # app_build finds the predictor in the layout folder, as `ripple train-predictor --out
         # LAYOUT` leaves it; the bench trains it into its cache, keyed by the profile.
         if predictor and not (Path(r.layout_dir) / PREDICTOR_FILE).is_file():
             _link(Path(predictor), Path(r.layout_dir) / PREDICTOR_FILE)
@@ -120,7 +121,7 @@ def prepare_apps(model: str, cdir: Path, wanted: dict, source_hash: str, predict
 
 def describe(app_dir: str, recipe: AppRecipe) -> dict:
     """What an APP is, for the JSON's details: its recipe and what app.json says it does."""
-    from ..compile.app import load_app_json
+    from ..compile.app_files import load_app_json
     info = load_app_json(app_dir)
     return {"dir": app_dir, "recipe": asdict(recipe), "layers": info["layers"], "sets": info["sets"],
             "sparsity": info["sparsity"], "io": info["io"], "kv_dtype": info["kv_dtype"],

@@ -9,7 +9,7 @@ Configurations (CONFIGS):
                      phone whose DRAM cannot hold it (android_host.page_eviction, mincore-checked);
 - llamacpp-ffn-cold: only the FFN tensors' byte ranges evicted: the fair twin of ours, which
                      keeps attention, norms and embeddings in DRAM;
-- ours:              the compiled APP (compile.app: the whole decode step in one TVM library,
+- ours:              the compiled APP (android_host.app_build: the whole decode step in one TVM library,
                      the FFN read from flash by the native runtime) built from the `ours`
                      placement, --dtype bundles, the GGUF's whole copy and the predictor, with
                      --budget as whole layers pinned in DRAM and this run's measured disk as its
@@ -55,7 +55,7 @@ BACKEND = "tvm"
 # tokens 0.994 vs 0.998).
 PREDICTOR_DRAM = "int8"
 KV_DTYPE = "float16"       # as llama.cpp's default KV cache
-READ_AHEAD = 2             # layers (runtime_py.read_ahead, compile.app read_ahead)
+READ_AHEAD = 2             # layers (runtime_py.read_ahead, app_build read_ahead)
 MIN_TOKENS = 32            # the issue's floor for per-token medians and p90
 DEFAULT_PROMPT = ("Write a long, detailed story about a lighthouse keeper who finds a message in a "
                   "bottle. Describe the sea, the weather and every day of the week that follows.")
@@ -202,7 +202,8 @@ def prepare_ours(path: Path, desc, cdir: Path, dtype: str, sparsity: float | Non
     # Layers read whole are read as the GGUF's own blocks when it has them in kinds the GEMV
     # multiplies (fewer bytes than q4d8 bundles, no requantized down; layout.whole_copy).
     from ..layout.errors import LayoutError
-    from ..layout.whole_copy import ffn_tensors, open_whole_copy, write_whole_copy
+    from ..layout.whole_copy import open_whole_copy, write_whole_copy
+    from ..tuning.load_gguf import ffn_tensors
     try:
         ffn_tensors(path, desc.n_layers)
         whole = True
@@ -215,7 +216,7 @@ def prepare_ours(path: Path, desc, cdir: Path, dtype: str, sparsity: float | Non
             fresh = False
         if not fresh:
             print(f"bench e2e: writing the GGUF's FFN blocks per layer into {layout_dir}", file=sys.stderr)
-            write_whole_copy(layout_dir, path, desc.n_layers, desc.source_hash)
+            write_whole_copy(layout_dir, ffn_tensors(path, desc.n_layers), path, desc.source_hash)
     from ..tuning.profile import ProfileError, load_profile
     try:
         load_profile(profile).inputs("calib")
@@ -274,7 +275,8 @@ def python_ppl_worker(setup: OursSetup, seqs: list, threads: int, queue_depth: i
     from ..layout.reader import check_source, open_layout
     from ..layout.whole_copy import open_whole_copy
     from ..runtime_py.cache import BundleStore
-    from ..runtime_py.engine import IOStats, ffn_backend
+    from ..runtime_py.backends import ffn_backend
+    from ..runtime_py.engine import IOStats
     from ..runtime_py.read_ahead import ReadAhead
     from ..runtime_py.reader import FlashReader
     from ..runtime_py.strategies import build_cache

@@ -21,9 +21,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _bench_registrars() -> list:
     """`register(bench_sub)` of each benchmark module; these modules import nothing heavy at top."""
-    from . import bench_e2e, bench_io, bench_kernels, bench_placement, bench_predictor, bench_qweights
+    from . import bench_e2e, bench_io, bench_kernels, bench_match, bench_placement, bench_predictor, bench_qweights
     return [bench_io.register, bench_predictor.register, bench_kernels.register, bench_placement.register,
-            bench_e2e.register, bench_qweights.register]
+            bench_e2e.register, bench_qweights.register, bench_match.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

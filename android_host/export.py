@@ -1,4 +1,4 @@
-"""`ripple export`: the APP folder an app ships for one target (compile.app: the whole decode
+"""`ripple export`: the APP folder an app ships for one target (app_build: the whole decode
 step's library, the native flash runtime, params with the predictor, flash files, tokenizer,
 device profile, app.json), and the check that it loads back.
 
@@ -12,7 +12,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from ..compile.app import APP_FILE, AppError, load_app_json
+from ..compile.app_files import APP_FILE, AppError, load_app_json
 from ..compile.elf import GLIBC_ONLY, read_elf
 from ..compile.targets import runs_here
 from ..layout.reader import open_layout

@@ -13,8 +13,9 @@ from ..layout.bundle import BLOCK_DTYPES, BundleSpec
 from ..layout.pack import write_layout
 from ..layout.quantization import QuantizationReport, encode_layer
 from ..layout.reader import block_checks, check_source, describe, open_layout, verify_layout
-from ..layout.whole_copy import (ffn_tensors, open_whole_copy, remove_whole_copy, verify_whole_copy,
-                                 whole_checks, write_whole_copy)
+from ..layout.whole_copy import (open_whole_copy, remove_whole_copy, verify_whole_copy, whole_checks,
+                                 write_whole_copy)
+from ..runtime_py.backends import ffn_backend
 from ..runtime_py.engine import generate, report
 from ..runtime_py.read_ahead import ReadAhead
 from ..runtime_py.reader import FlashReader
@@ -22,7 +23,7 @@ from ..tuning.calibration import (CALIBRATION_PROMPTS, HELDOUT_PROMPTS, file_seq
                                   sample_sequences, split_heldout)
 from ..tuning.checkpoint import default_model_path, load_model, load_tokenizer
 from ..tuning.forward import quantizable_non_ffn, to_torch, to_torch_quantized
-from ..tuning.load_gguf import ffn_q4_1_rows
+from ..tuning.load_gguf import ffn_q4_1_rows, ffn_tensors
 from ..tuning.relu_tiny import SPLIT_TEXT_NOTE, split_sequences
 from ..tuning.profile import Profile, ProfileError, load_profile, run_profile, save_profile, thresholds_at
 
@@ -70,7 +71,7 @@ def pack_cmd(model: str | None, out_dir: str, profile: str | None = None,
     path = model or default_model_path()
     desc = load_model(path)
     if whole_copy:
-        ffn_tensors(path, desc.n_layers)          # refused before anything is written
+        whole_layers = ffn_tensors(path, desc.n_layers)      # refused before anything is written
     meta: dict = {"model": desc.name or str(path), "arch": desc.arch}
     if profile:
         p = load_profile(profile)
@@ -98,7 +99,7 @@ def pack_cmd(model: str | None, out_dir: str, profile: str | None = None,
     write_layout(out_dir, spec, layers(), meta, str(path), desc.source_hash, arch=desc.arch,
                  quantization=quantization)
     if whole_copy:
-        verify_whole_copy(write_whole_copy(out_dir, path, desc.n_layers, desc.source_hash))
+        verify_whole_copy(write_whole_copy(out_dir, whole_layers, path, desc.source_hash))
     else:
         remove_whole_copy(out_dir)
     return layout_summary(open_layout(out_dir, verify=True))
@@ -220,7 +221,7 @@ def generate_cmd(layout_dir: str, model: str | None = None, prompt: str = "What 
                        pin_bytes=int(pin_mb * (1 << 20)))
              if read_ahead else contextlib.nullcontext()) as ahead:
         gen = generate(tm, layout, reader, thresholds, meta.get("criterion", "coef"), ids, tokens, tok,
-                       backend, policy, planner=planner, measure_misses=measure_misses, ahead=ahead)
+                       ffn_backend(backend), policy, planner=planner, measure_misses=measure_misses, ahead=ahead)
         rep = report(gen, reader, n_neurons, label)
     out = {"engine": "python", "model": str(path), "layout": str(layout.path), "sparsity": sparsity,
            "prompt": prompt, "prompt_ids": ids, "text": gen.text, "tokens": gen.tokens, **rep}

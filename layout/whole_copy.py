@@ -72,36 +72,11 @@ class WholeCopy:
         return raw[part.at:part.at + part.nbytes].reshape(part.shape[0], -1)
 
 
-def ffn_tensors(gguf_path: str | os.PathLike, n_layers: int) -> list[dict]:
-    """Per layer {part: tuning.load_gguf.GGUFTensor}; LayoutError when a part is missing or
-    of a type the compiled GEMV cannot multiply."""
-    from ..tuning.load_gguf import gguf_tensors
-
-    if Path(gguf_path).suffix != ".gguf":
-        raise LayoutError(f"{gguf_path}: --whole-copy carries a GGUF's own FFN blocks, and this is not a "
-                          "GGUF; pack without --whole-copy")
-    tensors = gguf_tensors(gguf_path)
-    out = []
-    for i in range(n_layers):
-        got = {}
-        for p in PARTS:
-            t = tensors.get(f"blk.{i}.ffn_{p}.weight")
-            if t is None:
-                raise LayoutError(f"{gguf_path}: tensor blk.{i}.ffn_{p}.weight is missing; a whole "
-                                  f"copy needs a SwiGLU GGUF (gate, up, down); pack without --whole-copy")
-            if t.qtype.name not in KINDS:
-                raise LayoutError(f"{gguf_path}: blk.{i}.ffn_{p}.weight is {t.qtype.name}; a whole copy "
-                                  f"carries {'/'.join(KINDS)} blocks only; pack without --whole-copy")
-            got[p] = t
-        out.append(got)
-    return out
-
-
-def write_whole_copy(out_dir: str | os.PathLike, gguf_path: str | os.PathLike, n_layers: int,
+def write_whole_copy(out_dir: str | os.PathLike, layers: list[dict], gguf_path: str | os.PathLike,
                      source_hash: str, alignment: int = 4096) -> WholeCopy:
     """Write out_dir/whole.rflash, then out_dir/whole.json (the commit point), each whole or
-    not at all."""
-    layers = ffn_tensors(gguf_path, n_layers)
+    not at all. layers: per layer {part: a GGUF tensor (qtype, shape, raw blocks)}, as
+    tuning.load_gguf.ffn_tensors reads them from gguf_path (named in errors)."""
     parts, at = [], 0
     for p in PARTS:
         t = layers[0][p]

@@ -1,4 +1,4 @@
-"""An APP folder (compile.app) loaded into this process: the same library and native flash
+"""An APP folder (compile.app_files; `ripple compile`) loaded into this process: the same library and native flash
 runtime an app and `ripple-run` run, driven from Python.
 
 Python sets up (the runtime library, its config, the VM, params, the KV cache), calls
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..compile.app import AppError, load_app_json
+from ..compile.app_files import AppError, load_app_json
 from ..compile.app_params import read_params
 
 # ripple.rt.stats slots (compile/native/flash_runtime.c).
@@ -97,9 +97,12 @@ class AppSession:
             raise AppError(f"{max_len} tokens exceed the model's {self.info['max_positions']} positions; use fewer")
         return tvm.runtime.tensor(np.zeros((L, two, max_len, kvd), self.info["kv"]["dtype"]))
 
-    def generate(self, prompt_ids: list[int], n_tokens: int, keep_logits: bool = False) -> AppGeneration:
+    def generate(self, prompt_ids: list[int], n_tokens: int, keep_logits: bool = False,
+                 stepwise_prompt: bool = False) -> AppGeneration:
         """Greedy: prefill the prompt, then decode until n_tokens ids or an end-of-sequence id;
-        the first id comes from the prefill's logits (as ripple-run)."""
+        the first id comes from the prefill's logits (as ripple-run). stepwise_prompt: the
+        prompt one token per call (a prompt step of a sparse layer reads the union of its
+        tokens' predicted sets; a token alone reads its own), as ripple-run --stepwise-prompt."""
         import tvm
         if not prompt_ids:
             raise AppError("an empty prompt: give at least one token id")
@@ -110,8 +113,13 @@ class AppSession:
         eos = set(self.info["eos_token_ids"])
         s0 = self.stats()
         t0 = time.perf_counter()
-        logits = self._prefill(tvm.runtime.tensor(np.asarray(prompt_ids, np.int32)), kv,
-                               tvm.runtime.ShapeTuple([0]), self.params).numpy()
+        first = 1 if stepwise_prompt else len(prompt_ids)
+        out = self._prefill(tvm.runtime.tensor(np.asarray(prompt_ids[:first], np.int32)), kv,
+                            tvm.runtime.ShapeTuple([0]), self.params)
+        for i in range(first, len(prompt_ids)):
+            out = self._decode(tvm.runtime.tensor(np.asarray(prompt_ids[i:i + 1], np.int32)), kv,
+                               tvm.runtime.ShapeTuple([i]), self.params)
+        logits = out.numpy()
         prefill_ms = (time.perf_counter() - t0) * 1e3
         s1 = self.stats()
         gen = AppGeneration(list(prompt_ids), [], prefill_ms, StepIO.between(s0, s1))

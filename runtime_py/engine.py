@@ -247,27 +247,15 @@ class Generation:
     misses_measured: bool = True                      # predicted sets scored against the oracle
 
 
-def ffn_backend(backend: str):
-    """The FFN factory of a backend: `torch` (flash_ffn) or `tvm` (runtime_py.tvm_ffn)."""
-    if backend == "tvm":
-        from .tvm_ffn import tvm_ffn
-        return tvm_ffn
-    if backend != "torch":
-        raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
-    return flash_ffn
-
-
-BACKENDS = ("torch", "tvm")
-
-
 def generate(tm: TorchModel, layout: Layout, reader: FlashReader, thresholds: np.ndarray,
              criterion: str, prompt_ids: list[int], n_tokens: int, tokenizer=None,
-             backend: str = "torch", sets=None, planner=None, store=None,
+             make_ffn=None, sets=None, planner=None, store=None,
              measure_misses: bool = True, kv_dtype: torch.dtype = torch.float32, ahead=None) -> Generation:
-    """Greedy decoding, one token at a time, FFN from flash; sets: None (oracle) or a set policy;
-    planner, store, ahead: the I/O policy; measure_misses: see flash_ffn; kv_dtype: the KV
-    cache's storage (tuning.forward.new_cache)."""
-    make_ffn = ffn_backend(backend)
+    """Greedy decoding, one token at a time, FFN from flash; make_ffn: flash_ffn (default) or
+    another factory of its signature (runtime_py.backends); sets: None (oracle) or a set
+    policy; planner, store, ahead: the I/O policy; measure_misses: see flash_ffn; kv_dtype: the
+    KV cache's storage (tuning.forward.new_cache)."""
+    make_ffn = make_ffn or flash_ffn
     policy = {"sets": sets, "planner": planner, "store": store, "measure_misses": measure_misses,
               "ahead": ahead}
     cache = new_cache(tm, 1, len(prompt_ids) + n_tokens, kv_dtype)

@@ -4,80 +4,37 @@ and in the native runner (ripple-run, no Python) alike; what the APP holds and s
 import json
 import subprocess
 
-import gguf
 import numpy as np
 import pytest
 import torch
 
 from conftest import embedded_gguf, profile_random_llama
+from ripple.android_host.app_build import build_app
 from ripple.android_host.app_cmds import compile_cmd
+from ripple.android_host.bench_match import compare, match_cmd, reference_ffn, reference_model, teacher_forced
 from ripple.android_host.cli import main
 from ripple.android_host.interface import pack_cmd, train_predictor_cmd
 from ripple.compile import decode_kernels as K
-from ripple.compile.app import APP_FILE, AppError, build_app
+from ripple.compile.app_files import APP_FILE, AppError
 from ripple.compile.elf import read_elf
 from ripple.compile.targets import make_target
-from ripple.layout.bundle import decode_bundles
 from ripple.layout.reader import open_layout
 from ripple.layout.whole_copy import open_whole_copy
-from ripple.runtime_py.app_session import AppSession
+from ripple.runtime_py.app_session import BYTES_NEEDED, BYTES_READ, AppSession
 from ripple.tuning.checkpoint import load_model
-from ripple.tuning.forward import forward, new_cache, to_torch
+from ripple.tuning.forward import to_torch
 from ripple.tuning.profile import save_profile, thresholds_at
-from ripple.tuning.sparsity import sparse_ffn
-
-TOL = 2e-3          # of the largest |logit|: fp32 sums in another order, nothing else
-
-
-def q8(w: np.ndarray) -> torch.Tensor:
-    """w as the APP holds a Hugging Face folder's matrices: Q8_0 blocks, dequantized."""
-    t = gguf.GGMLQuantizationType.Q8_0
-    return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(np.ascontiguousarray(w, np.float32), t), t)
-                            .reshape(w.shape).astype(np.float32))
-
-
-def reference(model_dir, layout_dir):
-    """The torch model with what the APP multiplies: non-FFN matrices as Q8_0, the FFN weights
-    as the layout's bundles decode (un-permuted)."""
-    desc = load_model(model_dir)
-    tm = to_torch(desc)
-    layout = open_layout(layout_dir)
-    tm.embed = q8(desc.embed)
-    tm.lm_head = tm.embed if desc.lm_head is desc.embed else q8(desc.lm_head)
-    raw = np.fromfile(layout.path, np.uint8)
-    for i, lw in enumerate(desc.layers):
-        for name in ("wq", "wk", "wv", "wo"):
-            tm.layers[i][name] = q8(getattr(lw, name))
-        at = int(layout.region_offsets[i])
-        rows = raw[at:at + layout.d_ffn * layout.bundle_bytes].reshape(layout.d_ffn, -1)[layout.slot_of[i]]
-        b = decode_bundles(layout.spec, rows)
-        tm.layers[i]["w_up"] = torch.from_numpy(b.up.astype(np.float32))
-        tm.layers[i]["w_down"] = torch.from_numpy(np.ascontiguousarray(b.down_t.T, np.float32))
-        if b.gate is not None:
-            tm.layers[i]["w_gate"] = torch.from_numpy(b.gate.astype(np.float32))
-        if b.up_bias is not None:
-            tm.layers[i]["b_up"] = torch.from_numpy(b.up_bias.astype(np.float32))
-    return tm, layout
-
-
-def teacher_forced(tm, ffn, prompt, ids, kv_dtype=torch.float16):
-    """The reference's logits at each step of the engine's own ids (prefill's last, then each
-    decode), so one near tie cannot make the rest of the comparison meaningless."""
-    cache = new_cache(tm, 1, len(prompt) + len(ids), kv_dtype)
-    out = [forward(tm, torch.tensor([prompt]), cache, ffn, last_only=True)[0, -1].numpy()]
-    for t in ids[:-1]:
-        out.append(forward(tm, torch.tensor([[t]]), cache, ffn)[0, -1].numpy())
-    return np.stack(out)
-
 
 def check_against(ref: np.ndarray, gen) -> None:
-    got = np.stack(gen.logits)
-    scale = np.abs(ref).max()
-    assert np.abs(got - ref).max() <= TOL * scale
-    # Greedy ids agree wherever the reference's top two are further apart than the tolerance.
-    top2 = np.sort(ref, axis=1)[:, -2:]
-    clear = top2[:, 1] - top2[:, 0] > 2 * TOL * scale
-    assert (np.asarray(gen.ids)[clear] == ref.argmax(1)[clear]).all()
+    res = compare(ref, gen.ids, gen.logits)
+    assert res["within_tolerance"] and res["ids_agree_where_decided"], res
+
+
+def reference_logits(app, prompt, gen, stepwise=False):
+    info = json.loads((app / APP_FILE).read_text())
+    tm, _ = reference_model(info, app)
+    kv = torch.float16 if info["kv_dtype"] == "float16" else torch.float32
+    return teacher_forced(tm, reference_ffn(tm, info, app), prompt, gen.ids, kv, stepwise)
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +52,17 @@ def opt_app(random_opt_dir, tmp_path_factory):
 
 def test_compiled_opt_decodes_what_torch_decodes_with_the_same_sets(opt_app):
     model_dir, layout_dir, app = opt_app
-    tm, layout = reference(model_dir, layout_dir)
-    meta = layout.manifest.meta
-    thr = thresholds_at(meta["grid"], meta["grid_thresholds"], meta["sparsity"])
     prompt = [2, 17, 99, 5, 63]
     with AppSession(app) as s:
         gen = s.generate(prompt, 12, keep_logits=True)
-    check_against(teacher_forced(tm, sparse_ffn(tm, thr, "coef"), prompt, gen.ids), gen)
-    # Sparse layers: every bundle read, fewer neurons needed than read is not the point here,
-    # but each token's reads are counted.
-    assert all(st.bytes_read > 0 and st.active == 2 * layout.d_ffn for st in gen.steps)
+    check_against(reference_logits(app, prompt, gen), gen)
+    # The reference is not the APP's own description of itself: the thresholds it applies are
+    # the layout's, from the profile.
+    meta = open_layout(layout_dir).manifest.meta
+    thr = thresholds_at(meta["grid"], meta["grid_thresholds"], meta["sparsity"])
+    assert json.loads((app / APP_FILE).read_text())["score_thresholds"] == pytest.approx(list(thr))
+    # Sets all: every bundle of both layers read, each token's reads counted.
+    assert all(st.bytes_read > 0 and st.active == 2 * 256 for st in gen.steps)
 
 
 def test_the_native_runner_decodes_the_same_ids_as_this_process(opt_app, tmp_path):
@@ -139,7 +97,7 @@ def test_the_app_folder_says_what_it_holds_and_links_no_python(opt_app):
     assert info["total_bytes"] == sum(p.stat().st_size for p in app.iterdir() if p.name in info["files"])
 
 
-def test_predicted_sets_read_fewer_bundles_and_both_engines_agree(random_llama_dir, recorded_llama_profile, tmp_path):
+def test_predicted_sets_read_fewer_bundles_and_match_the_reference(random_llama_dir, recorded_llama_profile, tmp_path):
     _, prof = recorded_llama_profile
     save_profile(prof, tmp_path / "profile.npz")
     pack_cmd(str(random_llama_dir), str(tmp_path / "layout"), str(tmp_path / "profile.npz"), dtype="int8")
@@ -151,14 +109,13 @@ def test_predicted_sets_read_fewer_bundles_and_both_engines_agree(random_llama_d
     assert info["sets"] == "predicted"
     prompt = [5, 9, 13]
     with AppSession(app) as s:
-        gen = s.generate(prompt, 8)
+        gen = s.generate(prompt, 8, keep_logits=True, stepwise_prompt=True)
     n = info["model"]["d_ffn"] * info["model"]["layers"]
     assert all(0 < st.active < n for st in gen.steps)        # the predictor's sets, not every neuron
-    out = tmp_path / "run.json"
-    r = subprocess.run([str(app / "ripple-run"), "--prompt-ids", "5,9,13", "--tokens", "8", "--json", str(out)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(out.read_text())["ids"] == gen.ids
+    check_against(reference_logits(app, prompt, gen, stepwise=True), gen)
+    res = match_cmd(str(app), 8, str(tmp_path / "match.json"), prompt_ids=prompt)
+    assert res["stepwise_prompt"] and res["engine_runner_ids_identical"]
+    assert res["runner"]["within_tolerance"] and res["engine"]["ids"] == gen.ids
 
 
 def test_predictor_kernel_matches_numpy():
@@ -187,14 +144,15 @@ def test_compiled_smollm2_decodes_the_torch_reference_ids(tmp_path):
     prompt = [1, 504, 3458, 282, 4372, 30, 216]
     with AppSession(app) as s:
         gen = s.generate(prompt, 16, keep_logits=True)
-    ref = teacher_forced(tm, None, prompt, gen.ids, torch.float32)
+        total = s.stats()
+    ref = teacher_forced(tm, None, prompt, gen.ids, torch.float32, stepwise=False)  # the plain dense model
     check_against(ref, gen)
     assert gen.ids == list(ref.argmax(1))
     copy = open_whole_copy(tmp_path / "layout", info["model"]["source_hash"])
     assert all(st.bytes_needed == 30 * copy.layer_bytes for st in gen.steps)
-    # Reads are counted when they finish, and run up to read_ahead (2) layers ahead of the step.
-    read = sum(st.bytes_read for st in gen.steps) / copy.layer_bytes
-    assert abs(read - 30 * len(gen.steps)) <= 2
+    # Every layer's extent read once per step: reads are counted when they finish, on the
+    # runtime's thread, up to read_ahead (2) layers ahead of the layer computed.
+    assert abs(total[BYTES_READ] - total[BYTES_NEEDED]) <= 2 * copy.layer_bytes
 
 
 def test_compile_refuses_a_folder_that_is_not_empty(opt_app, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from ripple.android_host.cli import main
 from ripple.android_host.export import ExportError, export_cmd, validate_export
 from ripple.android_host.interface import pack_cmd
-from ripple.compile.app import APP_FILE
+from ripple.compile.app_files import APP_FILE
 from ripple.layout import LayoutChecksumError
 from ripple.layout.whole_copy import WHOLE_FILE, WHOLE_MANIFEST
 

@@ -6,6 +6,7 @@ import torch
 
 from ripple.android_host.cli import build_parser
 from ripple.layout import BundleSpec, encode_bundles, open_layout, write_layout
+from ripple.runtime_py.backends import ffn_backend
 from ripple.runtime_py.engine import generate, report
 from ripple.runtime_py.reader import FlashReader
 from ripple.tuning.checkpoint import default_model_path, load_model, load_tokenizer
@@ -54,7 +55,7 @@ def test_tvm_backend_generates_the_same_tokens_as_torch(model, sparse_layout):
     runs = {}
     for backend in ("torch", "tvm"):
         with FlashReader(layout.path, 8) as reader:
-            gen = generate(tm, layout, reader, thr, "coef", ids, 4, backend=backend)
+            gen = generate(tm, layout, reader, thr, "coef", ids, 4, make_ffn=ffn_backend(backend))
             runs[backend] = (gen, report(gen, reader, desc.n_layers * desc.d_ffn))
     assert runs["tvm"][0].tokens == runs["torch"][0].tokens and len(runs["tvm"][0].tokens) == 4
     io, s = runs["tvm"][1]["io"], runs["tvm"][1]["summary"]

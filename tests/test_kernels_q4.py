@@ -11,6 +11,7 @@ import torch
 from ripple.android_host.interface import inspect_cmd, pack_cmd
 from ripple.compile.schedule import Knobs, valid
 from ripple.layout import BundleSpec, decode_bundles, open_layout
+from ripple.runtime_py.backends import ffn_backend
 from ripple.runtime_py.engine import IOStats, flash_ffn, generate
 from ripple.runtime_py.reader import FlashReader
 from ripple.runtime_py.tvm_ffn import tvm_ffn
@@ -142,6 +143,6 @@ def test_tvm_and_torch_backends_generate_the_same_tokens_from_q4(packed_smollm2)
     runs = {}
     for backend in ("torch", "tvm"):
         with FlashReader(layout.path, 8) as reader:
-            runs[backend] = generate(tm, layout, reader, thr, "coef", TOKENS[:6], 4, backend=backend)
+            runs[backend] = generate(tm, layout, reader, thr, "coef", TOKENS[:6], 4, make_ffn=ffn_backend(backend))
     assert runs["tvm"].tokens == runs["torch"].tokens and runs["torch"].tokens
     assert runs["tvm"].steps[0].bytes_needed == desc.n_layers * desc.d_ffn * layout.bundle_bytes

@@ -13,7 +13,8 @@ from ripple.layout.errors import LayoutChecksumError, LayoutError
 from ripple.layout.reader import open_layout
 from ripple.layout.whole_copy import (PARTS, WHOLE_FILE, WHOLE_MANIFEST, open_whole_copy,
                                       verify_whole_copy, whole_checks)
-from ripple.runtime_py.engine import IOStats, ffn_backend, generate
+from ripple.runtime_py.backends import ffn_backend
+from ripple.runtime_py.engine import IOStats, generate
 from ripple.runtime_py.read_ahead import ReadAhead
 from ripple.runtime_py.reader import FlashReader
 from ripple.tuning.checkpoint import load_model

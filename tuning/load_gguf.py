@@ -246,3 +246,29 @@ def _tensors(reader: gguf.GGUFReader, path: Path) -> dict[str, GGUFTensor]:
         raw = np.asarray(t.data).view(np.uint8).reshape(byte_shape)
         out[t.name] = GGUFTensor(t.name, qtype, shape, raw, int(t.data_offset))
     return out
+
+
+def ffn_tensors(gguf_path: str | os.PathLike, n_layers: int) -> list[dict]:
+    """Per layer {part: GGUFTensor} for a whole copy (layout.whole_copy.write_whole_copy);
+    LayoutError when a part is missing or of a type the compiled GEMV cannot multiply."""
+    from ..layout.errors import LayoutError
+    from ..layout.whole_copy import KINDS, PARTS
+
+    if Path(gguf_path).suffix != ".gguf":
+        raise LayoutError(f"{gguf_path}: --whole-copy carries a GGUF's own FFN blocks, and this is not a "
+                          "GGUF; pack without --whole-copy")
+    tensors = gguf_tensors(gguf_path)
+    out = []
+    for i in range(n_layers):
+        got = {}
+        for p in PARTS:
+            t = tensors.get(f"blk.{i}.ffn_{p}.weight")
+            if t is None:
+                raise LayoutError(f"{gguf_path}: tensor blk.{i}.ffn_{p}.weight is missing; a whole "
+                                  f"copy needs a SwiGLU GGUF (gate, up, down); pack without --whole-copy")
+            if t.qtype.name not in KINDS:
+                raise LayoutError(f"{gguf_path}: blk.{i}.ffn_{p}.weight is {t.qtype.name}; a whole copy "
+                                  f"carries {'/'.join(KINDS)} blocks only; pack without --whole-copy")
+            got[p] = t
+        out.append(got)
+    return out

@@ -59,7 +59,7 @@ static struct {
   int opened_once;         /* its counters exist (they outlive close) */
   rt_config_t cfg;
   int bfd, wfd;
-  int64_t stage_cap, max_reqs, wreqs, piece;
+  int64_t stage_cap, gather_cap, max_reqs, wreqs, piece;
   /* DRAM held from open to close */
   char** pinned_whole;     /* (L,) a pinned whole layer's extent, else NULL */
   char** pinned_rows;      /* (L,) a layer's pinned bundles in slot order, else NULL */
@@ -418,12 +418,17 @@ static int open_runtime(const char* fn, const char* path) {
                      "whole extent") != 0)
       return -1;
   }
-  /* A layer's extents never leave [region, region + n*bb rounded up): the region starts aligned. */
-  rt.stage_cap = align_up(n * bb, c->alignment);
+  /* A layer's extents never leave [region, region + n*bb rounded up): the region starts aligned.
+   * With no sparse layer and nothing pinned from the bundles no bundle is ever read, so the
+   * gather and staging buffers (2 x 2 MB on SmolLM2) are not held. */
+  int fetches = 0;
+  for (int64_t l = 0; l < L; ++l) fetches |= c->layer_mode[l] == 0 || c->pinned_counts[l] > 0;
+  rt.stage_cap = fetches ? align_up(n * bb, c->alignment) : 0;
+  rt.gather_cap = fetches ? n * bb : 0;
   rt.piece = c->max_request_bytes > 0 ? c->max_request_bytes : ((int64_t)1 << 62);
   rt.max_reqs = n + (c->max_request_bytes > 0 ? rt.stage_cap / c->max_request_bytes : 0) + 1;
   int64_t z = (int64_t)sizeof(int64_t);
-  if (alloc(fn, &rt.gather, n * bb, 1) || alloc(fn, &rt.stage, rt.stage_cap, 1) ||
+  if (alloc(fn, &rt.gather, rt.gather_cap, 1) || alloc(fn, &rt.stage, rt.stage_cap, 1) ||
       alloc(fn, &rt.act, n, 0) || alloc(fn, &rt.mark, n, 0) || alloc(fn, &rt.run_lo, n * z, 0) ||
       alloc(fn, &rt.run_len, n * z, 0) || alloc(fn, &rt.run_ext, n * z, 0) ||
       alloc(fn, &rt.ext_off, n * z, 0) || alloc(fn, &rt.ext_start, n * z, 0) ||
@@ -476,7 +481,7 @@ static int open_runtime(const char* fn, const char* path) {
     if (bad >= 0) return checksum_error(fn, c->whole_path, bad, 1);
     pinned += (double)wlb;
   }
-  double buffers = (double)(n * bb + rt.stage_cap);
+  double buffers = (double)(rt.gather_cap + rt.stage_cap);
   if (rt.stream_len > 0) {
     rt.nbuf = c->read_ahead + 1;
     if (alloc(fn, &rt.ahead_buf, rt.nbuf * z, 0) ||

@@ -1,7 +1,7 @@
 /* ripple-run: greedy decoding of an APP folder, with no Python in the process.
  *
  *   APP/ripple-run --prompt-ids 1,2,3 --tokens N --json F [--app DIR] [--threads N]
- *                  [--max-len M] [--dump-logits F]
+ *                  [--max-len M] [--dump-logits F] [--stepwise-prompt]
  *
  * The APP folder is what `ripple compile` writes (app.json says what is where):
  *   library          the Relax VM executable: prefill(tokens, kv, pos, params) and
@@ -89,6 +89,7 @@ struct Options {
   int threads = 0;      // 0: TVM's default
   int64_t max_len = 0;  // 0: prompt + tokens
   std::string dump_logits;
+  bool stepwise_prompt = false;  // the prompt one token per call (prefill of 1, then decode)
 };
 
 int64_t parse_int(const std::string& flag, const std::string& s, int64_t lo) {
@@ -120,7 +121,7 @@ std::vector<int32_t> parse_ids(const std::string& s) {
 
 const char* kUsage =
     "usage: ripple-run --prompt-ids 1,2,3 --tokens N --json F [--app DIR] [--threads N] "
-    "[--max-len M] [--dump-logits F]";
+    "[--max-len M] [--dump-logits F] [--stepwise-prompt]";
 
 Options parse_args(int argc, char** argv) {
   Options o;
@@ -132,6 +133,10 @@ Options parse_args(int argc, char** argv) {
     if (inline_value) {
       value = flag.substr(eq + 1);
       flag = flag.substr(0, eq);
+    }
+    if (flag == "--stepwise-prompt" && !inline_value) {  // a switch: takes no value
+      o.stepwise_prompt = true;
+      continue;
     }
     static const char* kFlags[] = {"--prompt-ids", "--tokens", "--json", "--app",
                                    "--threads", "--max-len", "--dump-logits"};
@@ -594,12 +599,20 @@ int run(const Options& opt) {
   std::vector<float>* dump_p = opt.dump_logits.empty() ? nullptr : &dump;
   std::vector<int32_t> ids;
 
-  // Prefill: all prompt ids at positions 0..n-1; its logits give the first id.
-  ffi::Tensor tokens = empty({n_prompt}, DLDataType{kDLInt, 32, 1});
-  std::memcpy(tokens.data_ptr(), opt.prompt_ids.data(), sizeof(int32_t) * n_prompt);
+  // Prefill: all prompt ids at positions 0..n-1; its logits give the first id. With
+  // --stepwise-prompt, the first id alone, then one decode call per prompt id: a prompt step
+  // of a sparse layer reads the union of its tokens' predicted sets, a token alone its own.
+  const int64_t n_first = opt.stepwise_prompt ? 1 : n_prompt;
+  ffi::Tensor tokens = empty({n_first}, DLDataType{kDLInt, 32, 1});
+  std::memcpy(tokens.data_ptr(), opt.prompt_ids.data(), sizeof(int32_t) * n_first);
   Step pre{stats.read(), {}};
   double t0 = now_s();
   ffi::Tensor logits = prefill(tokens, kv, ffi::Shape({0}), params).cast<ffi::Tensor>();
+  for (int64_t i = n_first; i < n_prompt; ++i) {
+    ffi::Tensor one = empty({1}, DLDataType{kDLInt, 32, 1});
+    static_cast<int32_t*>(one.data_ptr())[0] = opt.prompt_ids[i];
+    logits = decode(one, kv, ffi::Shape({i}), params).cast<ffi::Tensor>();
+  }
   double prefill_s = now_s() - t0;
   pre.after = stats.read();
   ids.push_back(argmax(logits, app.vocab, dump_p));

@@ -1,17 +1,11 @@
-"""`ripple compile`: a layout folder -> APP/, everything an app needs to decode with the FFN in flash.
+"""`ripple compile`: a layout folder -> APP/ (compile.app_files), everything an app needs to
+decode with the FFN in flash: the decode step compiled (compile.model_graph), its params
+(GGUF blocks, norms, the predictor), the runtime's config, the flash files, the native
+runtime and runner, the tokenizer and app.json. The folder is built under a temporary name
+and renamed when complete.
 
-APP/
-  model.so               the whole decode step (compile.model_graph): prefill / decode
-  libripple_runtime.so   the native flash runtime the model calls (compile/native)
-  runtime.bin            its config (compile.runtime_config): layers, placement, which layers
-                         are read whole, thresholds, cache, queue depth, collapse rule
-  params.bin             the non-FFN weights (GGUF blocks), norms, the predictor (app_params)
-  model.rflash, manifest.json [, whole.rflash, whole.json]   the flash files, as packed
-  tokenizer.json         the tokenizer (an app brings a tokenizer library to use it)
-  storage.json           the device profile the reads were planned with, when one was given
-  ripple-run             the native runner (host), with the TVM runtime libraries beside it
-  app.json               what is where and what to call (read by ripple-run and by apps)
-The folder is built under a temporary name and renamed when complete.
+Here the model home (tuning: the checkpoint, the predictor, the profile's thresholds) meets
+the compiler; compile/ itself knows dimensions and arrays only.
 
 Which layers are read whole is decided here, once, for the graph and the runtime alike
 (`whole_layers`): "auto" reads every layer whole when the layout has a whole copy (`ripple
@@ -32,27 +26,24 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic_file import write_json
+from ..compile.app_files import (APP_FILE, CONFIG_FILE, FORMAT, LIBRARY, RUNNER, RUNTIME_LIBRARY, STORAGE_FILE,
+                                 TOKENIZER_FILE, AppError)
+from ..compile.app_params import write_params
+from ..compile.elf import read_elf
+from ..compile.ffn import VIEW_DTYPE
+from ..compile.model_graph import (FETCH, FUNCTIONS, LAYER_SPARSE, LAYER_WHOLE, WHOLE, DecodeSpec, WholeParts,
+                                   decode_module)
+from ..compile.runtime_config import RuntimeConfig, block_crc_tables, write_runtime_config
+from ..compile.targets import export_library, make_target, target_dict
 from ..layout.header import MODEL_FILE
 from ..layout.manifest import MANIFEST_FILE
 from ..layout.reader import open_layout
 from ..layout.whole_copy import WHOLE_FILE, WHOLE_MANIFEST, open_whole_copy
-from .app_params import matrix_kinds, model_params, write_params
-from .elf import read_elf
-from .ffn import VIEW_DTYPE
-from .model_graph import FETCH, FUNCTIONS, LAYER_SPARSE, LAYER_WHOLE, WHOLE, DecodeSpec, WholeParts, decode_module
-from .runtime_config import RuntimeConfig, block_crc_tables, write_runtime_config
-from .targets import export_library, make_target, target_dict
+from .model_params import matrix_kinds, model_params
 
-APP_FILE, LIBRARY, RUNTIME_LIBRARY, CONFIG_FILE = "app.json", "model.so", "libripple_runtime.so", "runtime.bin"
-TOKENIZER_FILE, STORAGE_FILE, RUNNER = "tokenizer.json", "storage.json", "ripple-run"
-FORMAT = 1
 WHOLE_LAYERS = ("auto", "all", "none")
 KV_DTYPES = ("float16", "float32")
 REQUEST_BYTES = 1 << 20          # whole extents go out in requests of this size (runtime_py.read_ahead)
-
-
-class AppError(ValueError):
-    """An APP folder that cannot be built or loaded; the message names the thing and the fix."""
 
 
 def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: str = "host",
@@ -153,7 +144,9 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
             "library": LIBRARY, "runtime_library": RUNTIME_LIBRARY, "runtime_config": CONFIG_FILE,
             "params": params, "tokenizer": tok, "runner": files.get("runner"),
             "model": {"source": str(path), "source_hash": desc.source_hash, "arch": desc.arch,
-                      "name": desc.name, "layers": L, "d_model": desc.d_model, "d_ffn": desc.d_ffn},
+                      "name": desc.name, "layers": L, "d_model": desc.d_model, "d_ffn": desc.d_ffn,
+                      # the non-FFN matrices are the GGUF's own blocks (else quantized to Q8_0 here)
+                      "gguf_blocks": kinds["gguf_blocks"]},
             "vocab": desc.vocab_size, "max_positions": int(desc.max_positions),
             "eos_token_ids": [int(t) for t in desc.eos_token_ids],
             "kv": {"shape": [L, 2, None, spec.kv_dim], "dtype": kv_dtype},
@@ -172,6 +165,7 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
                        "pinned_whole": [int(i) for i in np.flatnonzero(pinned)]},
             "sets": "all" if predictor is None else "predicted",
             "sparsity": float(meta.get("sparsity", 0.0)), "criterion": spec.keep,
+            "score_thresholds": list(spec.score_thresholds),
             "bundle": asdict(layout.spec), "knobs": spec.knobs.to_dict(), "kv_dtype": kv_dtype,
             "io": {"queue_depth": queue_depth, "read_ahead": read_ahead, "collapse_gap_bytes": gap,
                    "max_request_bytes": request, "o_direct": o_direct, "verify": verify,
@@ -235,7 +229,7 @@ def _pos_offset(desc) -> int:
 
 
 def _knobs(spec, target: str):
-    from .build import knobs_for
+    from ..compile.build import knobs_for
     return knobs_for(spec, target)[0]
 
 
@@ -258,11 +252,11 @@ def _place(src: Path, dest: Path) -> None:
 
 def _natives(target: str, tmp: Path) -> dict:
     """The flash runtime for target, and on the host the runner with the TVM runtime beside it."""
-    from .native_reader import build_reader
+    from ..compile.native_reader import build_reader
     shutil.copyfile(build_reader(target), tmp / RUNTIME_LIBRARY)
     files = {"runtime": RUNTIME_LIBRARY}
     if target == "host":
-        from .runner import build_runner, runtime_libraries
+        from ..compile.runner import build_runner, runtime_libraries
         shutil.copy2(build_runner(target), tmp / RUNNER)
         for lib in runtime_libraries():
             shutil.copyfile(lib, tmp / lib.name)
@@ -286,15 +280,3 @@ def _tokenizer(path: str, tmp: Path, step) -> str | None:
         return None
     backend.save(str(tmp / TOKENIZER_FILE))
     return TOKENIZER_FILE
-
-
-def load_app_json(app_dir: str | os.PathLike) -> dict:
-    """app.json of an APP folder, checked for the format this ripple writes."""
-    p = Path(app_dir) / APP_FILE
-    try:
-        info = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise AppError(f"{p}: unreadable ({e}); build the folder with `ripple compile`") from None
-    if info.get("format") != FORMAT:
-        raise AppError(f"{p}: APP format {info.get('format')}, this ripple reads {FORMAT}; compile again")
-    return info
