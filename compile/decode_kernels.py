@@ -12,6 +12,7 @@ from tvm import te, tirx
 from tvm.script import tirx as T
 
 from .ffn import _f16
+from .qgemv import lane_sum
 
 _I64 = "int64"
 OPAQUE = 8      # relay/relax OpPatternKind kOpaque: FuseOps leaves a scheduled kernel alone
@@ -148,66 +149,186 @@ def schedule_predictor(func: tirx.PrimFunc):
     return sch.mod["main"]
 
 
+# Keys scored per softmax update: one running-maximum rescale of the accumulator per block
+# instead of per position (the one-pass update took two exps and a rescale per position).
+ATTN_BLOCK = 16
+# Parts each KV head's context is split into, one parallel task each (merged after): with
+# SmolLM2's 3 KV heads, 6 tasks keep 2 cores equally busy.
+ATTN_SPLIT = 2
+
+
+def _exp(x):
+    """exp(x) for x <= 0 as vectorizable arithmetic (LLVM turns a vector exp into one libm call
+    a lane, each with the vector registers spilled around it): x = k ln2 + r, |r| <= ln2/2,
+    exp(r) by its Taylor series to r^7 (truncation 5e-9; a few float32 ulps in all), times 2^k
+    built in the exponent bits. x is clamped at -87 (exp 1.6e-38 where 0 is due): the softmax's
+    sums are at least 1 (the maximum's own term)."""
+    f32 = "float32"
+    x = tirx.max(x, tirx.const(-87.0, f32))
+    k = tirx.floor(x * tirx.const(1.4426950408889634, f32) + tirx.const(0.5, f32))
+    r = x - k * tirx.const(0.693145751953125, f32) - k * tirx.const(1.428606765330187e-06, f32)
+    poly = tirx.const(1.0 / 5040, f32)
+    for c in (1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
+        poly = poly * r + tirx.const(c, f32)
+    scale = tirx.reinterpret(f32, (k.astype("int32") + tirx.const(127, "int32")) << tirx.const(23, "int32"))
+    return poly * scale
+
+
+def _dot(q, at, kv, layer, j, col, hd: int, lanes: int):
+    """q[at:at + hd] . kv[layer, 0, j, col:col + hd] in f32, as vectors of `lanes`."""
+    ty = f"float32x{lanes}" if lanes > 1 else "float32"
+    acc = None
+    for c in range(hd // lanes):
+        k = kv.vload([layer, _i64(0), j, col + _i64(c * lanes)], f"{kv.dtype}x{lanes}" if lanes > 1 else kv.dtype)
+        term = q.vload([at + c * lanes], ty) * k.astype(ty)
+        acc = term if acc is None else acc + term
+    return lane_sum(acc, lanes)
+
+
+def _lanes(hd: int) -> int:
+    """Vector width over head_dim: the widest of 16, 8, 4, 2, 1 dividing it."""
+    v = 16
+    while hd % v:
+        v //= 2
+    return v
+
+
 def attention(n_heads: int, n_kv: int, head_dim: int, kv_dtype: str, rope: bool) -> tirx.PrimFunc:
     """main(qkv (n, (H + 2 KV) hd) f32, kv (L, 2, M, KV hd), inv_freq (hd/2,), layer, p,
     out (n, H hd) f32); kv is written in place (Relax call_tir_inplace): the step's keys (after
     RoPE) and values at positions p..p+n-1 of `layer`, then each token attends to positions up
     to its own. RoPE as Hugging Face's rotate_half (load_gguf un-permutes GGUF's q/k rows).
-    Softmax in one pass with a running maximum (no buffer of the context's length)."""
+
+    Parallel tasks: each KV head's context in ATTN_SPLIT parts, the KV head's group of query
+    heads together (each key and value read and widened once for the group). Per task and
+    token, q (roped, scaled) and the accumulators are vectors over head_dim, and the context is
+    taken ATTN_BLOCK keys at a time: their scores (vector dot products), one rescale by the
+    block's new maximum, then the values weighted by exp(score - max) (online softmax, no
+    buffer of the context's length). The parts' (max, sum, accumulator) are then merged."""
     H, KV, hd = n_heads, n_kv, head_dim
     half, group = max(hd // 2, 1), n_heads // n_kv
     QD, KD = H * hd, KV * hd
+    V, B, S = _lanes(hd), ATTN_BLOCK, ATTN_SPLIT
+    NV = hd // V
     scale = float(hd) ** -0.5
     use_rope = bool(rope)
+    if use_rope and hd % 2:
+        raise ValueError(f"RoPE rotates halves of head_dim; {hd} is odd")
+    HD, HALF, QDI, KDI = (T.int64(v) for v in (hd, half, QD, KD))
+
+    @T.macro
+    def cos_sin(cs, inv_freq, pos):
+        # cs[:half] = cos(pos f), cs[half:] = sin(pos f), one token's angles for every head
+        for i in range(HALF):
+            cs[i] = T.cos(pos * inv_freq[i])
+            cs[i + half] = T.sin(pos * inv_freq[i])
+
+    def lo(ctx, task):              # task's part of a context of ctx keys: lo(ctx, task)..hi - 1
+        return ctx * (task % S) // S
+
+    def hi(ctx, task):
+        return ctx * (task % S + 1) // S
+
+    def col(task, gh):              # q's first column for query head gh of task's KV head
+        return (task // S * group + gh) * hd
 
     @T.prim_func
     def main(var_qkv: T.handle, var_kv: T.handle, inv_freq: T.Buffer((T.int64(half),), "float32"),
              layer: T.int64, p: T.int64, var_out: T.handle):
-        T.func_attr({"op_pattern": OPAQUE})
+        T.func_attr({"op_pattern": OPAQUE, "tirx.noalias": True})
         n = T.int64()
         L = T.int64()
         M = T.int64()
         qkv = T.match_buffer(var_qkv, (n, T.int64(QD + 2 * KD)), "float32")
-        kv = T.match_buffer(var_kv, (L, T.int64(2), M, T.int64(KD)), kv_dtype)
-        out = T.match_buffer(var_out, (n, T.int64(QD)), "float32")
+        kv = T.match_buffer(var_kv, (L, T.int64(2), M, KDI), kv_dtype)
+        out = T.match_buffer(var_out, (n, QDI), "float32")
+        part_acc = T.alloc_buffer((n, T.int64(H), T.int64(S), HD), "float32")
+        part_ml = T.alloc_buffer((n, T.int64(H), T.int64(S), T.int64(2)), "float32")   # max, sum
+        cs0 = T.alloc_buffer((hd,), "float32", scope="local")
         for t in range(n):
-            pos = T.Cast("float32", p + t)
+            if use_rope:
+                cos_sin(cs0, inv_freq, T.Cast("float32", p + t))
             for g in range(T.int64(KV)):
-                for i in range(T.int64(hd)):
-                    c0 = QD + g * hd
-                    kv[layer, 0, p + t, g * hd + i] = T.Cast(kv_dtype, T.if_then_else(
-                        use_rope, qkv[t, c0 + i] * T.cos(pos * inv_freq[i % half])
-                        + T.if_then_else(i < half, T.float32(0) - qkv[t, c0 + (i + half) % hd],
-                                         qkv[t, c0 + (i + half) % hd]) * T.sin(pos * inv_freq[i % half]),
-                        qkv[t, c0 + i]))
+                if use_rope:
+                    for i in T.vectorized(HALF):
+                        kv[layer, 0, p + t, g * hd + i] = T.Cast(
+                            kv_dtype, qkv[t, QD + g * hd + i] * cs0[i] - qkv[t, QD + g * hd + half + i] * cs0[half + i])
+                        kv[layer, 0, p + t, g * hd + half + i] = T.Cast(
+                            kv_dtype, qkv[t, QD + g * hd + half + i] * cs0[i] + qkv[t, QD + g * hd + i] * cs0[half + i])
+                else:
+                    for i in T.vectorized(HD):
+                        kv[layer, 0, p + t, g * hd + i] = T.Cast(kv_dtype, qkv[t, QD + g * hd + i])
+                for i in T.vectorized(HD):
                     kv[layer, 1, p + t, g * hd + i] = T.Cast(kv_dtype, qkv[t, QD + KD + g * hd + i])
-        for h in T.parallel(T.int64(H)):
-            qh = T.alloc_buffer((T.int64(hd),), "float32", scope="local")
-            acc = T.alloc_buffer((T.int64(hd),), "float32", scope="local")
-            st = T.alloc_buffer((T.int64(3),), "float32", scope="local")
+        for task in T.parallel(T.int64(KV * S)):
+            cs = T.alloc_buffer((hd,), "float32", scope="local")
+            q = T.alloc_buffer((group * hd,), "float32", scope="local")
+            acc = T.alloc_buffer((group * hd,), "float32", scope="local")
+            s = T.alloc_buffer((group * B,), "float32", scope="local")
+            st = T.alloc_buffer((group * 4,), "float32", scope="local")   # max, sum, block max, rescale
             for t in range(n):
-                pos = T.Cast("float32", p + t)
-                for i in range(T.int64(hd)):
-                    c0 = h * hd
-                    qh[i] = T.if_then_else(
-                        use_rope, qkv[t, c0 + i] * T.cos(pos * inv_freq[i % half])
-                        + T.if_then_else(i < half, T.float32(0) - qkv[t, c0 + (i + half) % hd],
-                                         qkv[t, c0 + (i + half) % hd]) * T.sin(pos * inv_freq[i % half]),
-                        qkv[t, c0 + i]) * T.float32(scale)
-                    acc[i] = T.float32(0)
-                st[0] = T.float32(-3.0e38)
-                st[1] = T.float32(0)
-                for j in range(p + t + 1):
-                    st[2] = T.float32(0)
-                    for i in range(T.int64(hd)):
-                        st[2] = st[2] + qh[i] * T.Cast("float32", kv[layer, 0, j, (h // group) * hd + i])
-                    m_new = T.max(st[0], st[2])
-                    c = T.exp(st[0] - m_new)
-                    e = T.exp(st[2] - m_new)
-                    st[1] = st[1] * c + e
-                    for i in range(T.int64(hd)):
-                        acc[i] = acc[i] * c + e * T.Cast("float32", kv[layer, 1, j, (h // group) * hd + i])
-                    st[0] = m_new
-                for i in range(T.int64(hd)):
-                    out[t, h * hd + i] = acc[i] / st[1]
+                if use_rope:
+                    cos_sin(cs, inv_freq, T.Cast("float32", p + t))
+                for gh in T.unroll(group):
+                    if use_rope:
+                        for i in T.vectorized(HALF):
+                            q[gh * hd + i] = (qkv[t, col(task, gh) + i] * cs[i]
+                                              - qkv[t, col(task, gh) + half + i] * cs[half + i]) * T.float32(scale)
+                            q[gh * hd + half + i] = (qkv[t, col(task, gh) + half + i] * cs[i]
+                                                     + qkv[t, col(task, gh) + i] * cs[half + i]) * T.float32(scale)
+                    else:
+                        for i in T.vectorized(HD):
+                            q[gh * hd + i] = qkv[t, col(task, gh) + i] * T.float32(scale)
+                    for i in T.vectorized(HD):
+                        acc[gh * hd + i] = T.float32(0)
+                    st[gh * 4] = T.float32(-3.0e38)
+                    st[gh * 4 + 1] = T.float32(0)
+                for jb in range((hi(p + t + 1, task) - lo(p + t + 1, task) + B - 1) // B):
+                    for gh in T.unroll(group):
+                        st[gh * 4 + 2] = st[gh * 4]
+                    for jj in range(T.min(T.int64(B), hi(p + t + 1, task) - lo(p + t + 1, task) - jb * B)):
+                        for gh in T.unroll(group):
+                            s[gh * B + jj] = _dot(q, gh * hd, kv, layer, lo(p + t + 1, task) + jb * B + jj,
+                                                  task // S * hd, hd, V)
+                            st[gh * 4 + 2] = T.max(st[gh * 4 + 2], s[gh * B + jj])
+                    for gh in T.unroll(group):
+                        st[gh * 4 + 3] = _exp(st[gh * 4] - st[gh * 4 + 2])
+                        st[gh * 4] = st[gh * 4 + 2]
+                        st[gh * 4 + 1] = st[gh * 4 + 1] * st[gh * 4 + 3]
+                        for i in T.vectorized(HD):
+                            acc[gh * hd + i] = acc[gh * hd + i] * st[gh * 4 + 3]
+                        for jj in T.vectorized(B):      # past the part's end: unused lanes
+                            s[gh * B + jj] = _exp(s[gh * B + jj] - st[gh * 4])
+                    for jj in range(T.min(T.int64(B), hi(p + t + 1, task) - lo(p + t + 1, task) - jb * B)):
+                        for gh in T.unroll(group):
+                            st[gh * 4 + 1] = st[gh * 4 + 1] + s[gh * B + jj]
+                        for c in T.unroll(NV):
+                            for gh in T.unroll(group):
+                                for l in T.vectorized(V):
+                                    acc[gh * hd + c * V + l] = acc[gh * hd + c * V + l] + s[gh * B + jj] * T.Cast(
+                                        "float32", kv[layer, 1, lo(p + t + 1, task) + jb * B + jj,
+                                                      task // S * hd + c * V + l])
+                for gh in T.unroll(group):
+                    for i in T.vectorized(HD):
+                        part_acc[t, task // S * group + gh, task % S, i] = acc[gh * hd + i]
+                    part_ml[t, task // S * group + gh, task % S, 0] = st[gh * 4]
+                    part_ml[t, task // S * group + gh, task % S, 1] = st[gh * 4 + 1]
+        for t in range(n):
+            for h in range(T.int64(H)):
+                # merge the parts: weights exp(max_s - max), an empty part's (-3e38, 0, 0) adds 0
+                st0 = T.alloc_buffer((S + 2,), "float32", scope="local")
+                st0[S] = part_ml[t, h, 0, 0]
+                for sp in range(T.int64(S)):
+                    st0[S] = T.max(st0[S], part_ml[t, h, sp, 0])
+                st0[S + 1] = T.float32(0)
+                for sp in range(T.int64(S)):
+                    st0[sp] = _exp(part_ml[t, h, sp, 0] - st0[S])
+                    st0[S + 1] = st0[S + 1] + st0[sp] * part_ml[t, h, sp, 1]
+                for i in T.vectorized(HD):
+                    out[t, h * hd + i] = T.float32(0)
+                for sp in range(T.int64(S)):
+                    for i in T.vectorized(HD):
+                        out[t, h * hd + i] = out[t, h * hd + i] + st0[sp] * part_acc[t, h, sp, i]
+                for i in T.vectorized(HD):
+                    out[t, h * hd + i] = out[t, h * hd + i] / st0[S + 1]
     return main

@@ -18,7 +18,7 @@ in place), the output GEMV, norm, then the FFN through the native flash runtime
                        ripple.rt.fetch(layer, logits), the bundles of the predicted neurons
                        (cache, plan, O_DIRECT reads in the runtime); the sparse kernel keeps the
                        read neurons whose own score clears the layer's threshold (compile.ffn).
-Which layers are read whole is decided at compile time (compile.app) and is the same for the
+Which layers are read whole is decided at compile time (android_host.app_build) and is the same for the
 graph and the runtime's config. Python does not sit between layers: the VM runs the step.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from tvm import relax, tirx
 from ..layout.bundle import BundleSpec
 from . import decode_kernels as K
 from .ffn import VIEW_DTYPE, buffer_cols, sparse_ffn
-from .qgemv import qgemv, row_bytes, schedule_qgemv
+from .qgemv import qgemm, qgemv, row_bytes, schedule_qgemv
 from .schedule import DEFAULT, Knobs, schedule_sparse
 
 WHOLE, FETCH = "ripple.rt.whole", "ripple.rt.fetch"
@@ -129,9 +129,17 @@ def param_layout(s: DecodeSpec) -> list[tuple[str, tuple[int, ...], str]]:
     return out
 
 
-def _gemv(kind: str, rows: int, cols: int, flat=None) -> tirx.PrimFunc:
+def _gemv(kind: str, rows: int, cols: int, flat=None, tokens=None) -> tirx.PrimFunc:
+    """The GEMV for a call on `tokens` rows of x: a decode token's (n = 1, tuned for one token),
+    or a prompt's (symbolic n: qgemm, each block dequantized once for all the tokens)."""
+    if isinstance(tokens, tirx.Var):
+        return K.opaque(qgemm(kind, rows, cols, flat))
     func, stages = qgemv(kind, rows, cols, flat)
     return K.opaque(schedule_qgemv(func, stages, rows)["main"])
+
+
+def _gemv_key(kind: str, rows: int, cols: int, tokens) -> str:
+    return f"{'gemm' if isinstance(tokens, tirx.Var) else 'gemv'}_{kind}_{rows}x{cols}"
 
 
 class _Kernels:
@@ -183,7 +191,7 @@ def _step_function(bb, kern, s: DecodeSpec, fname: str, names, ptypes) -> None:
             return bb.emit(relax.call_tir(kern(key, make), relax.Tuple(list(args)), out_ty=act(width, rows)))
 
         def gemv(x, w, kind, rows, cols, bias=None):
-            y = call(f"gemv_{kind}_{rows}x{cols}", lambda: _gemv(kind, rows, cols), (x, w), rows)
+            y = call(_gemv_key(kind, rows, cols, n), lambda: _gemv(kind, rows, cols, tokens=n), (x, w), rows)
             return y if bias is None else bb.emit(relax.op.add(y, bias))
 
         def normed(x, w, b, rows=n):
@@ -232,8 +240,8 @@ def _whole_ffn(bb, kern, s: DecodeSpec, layer: int, h, n):
     parts = {name: (kind, rows, cols, at) for name, kind, rows, cols, at in w.parts}
 
     def gemv(x, kind, rows, cols, at):
-        key = f"whole_{kind}_{rows}x{cols}_at{at}"
-        return bb.emit(relax.call_tir(kern(key, lambda: _gemv(kind, rows, cols, (w.layer_bytes, at))),
+        key = f"whole_{_gemv_key(kind, rows, cols, n)}_at{at}"
+        return bb.emit(relax.call_tir(kern(key, lambda: _gemv(kind, rows, cols, (w.layer_bytes, at), n)),
                                       relax.Tuple([x, raw]), out_ty=relax.TensorType([n, rows], "float32")))
 
     gk, gr, gc, gat = parts["gate"]
