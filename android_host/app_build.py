@@ -15,7 +15,6 @@ block of a layer: SmolLM2 at sparsity 0.6, ~90%), and none otherwise.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile

@@ -19,10 +19,10 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 from .errors import ToolchainError
+from .native_build import cached_build
 from .targets import linker_for
 
 NATIVE = Path(__file__).resolve().parent / "native"
@@ -102,20 +102,8 @@ def build_reader(target_name: str = "host", build_dir: str | os.PathLike | None 
     for f in (*SOURCES, *HEADERS):
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     h.update(" ".join(compile_command(target_name, Path("OUT"))).encode())
-    key = h.hexdigest()
-    out = root / target_name / key / LIB_NAME
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        tmp_out = Path(tmp) / LIB_NAME
-        cmd = compile_command(target_name, tmp_out, Path(tmp))
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise ToolchainError(f"building {LIB_NAME} for {target_name} failed: "
-                                 f"{' '.join(r.stderr.split())[:400]}")
-        os.replace(tmp_out, out)
-    return out
+    return cached_build(root / target_name / h.hexdigest(), LIB_NAME,
+                        lambda out, tmp: compile_command(target_name, out, tmp), f"{LIB_NAME} for {target_name}")
 
 
 def load_reader(path: str | os.PathLike | None = None):

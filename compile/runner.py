@@ -13,11 +13,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 from .errors import ToolchainError
+from .native_build import cached_build
 
 SOURCE = Path(__file__).resolve().parent / "native" / "ripple_run.cc"
 EXE_NAME = "ripple-run"
@@ -70,15 +69,5 @@ def build_runner(target_name: str = "host", build_dir: str | os.PathLike | None 
     root = Path(build_dir) if build_dir is not None else BUILD_DIR
     key = hashlib.blake2b(SOURCE.read_bytes() + " ".join(
         compile_command(target_name, Path("OUT"))).encode(), digest_size=8).hexdigest()
-    out = root / target_name / key / EXE_NAME
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        tmp_out = Path(tmp) / EXE_NAME
-        r = subprocess.run(compile_command(target_name, tmp_out), capture_output=True, text=True)
-        if r.returncode != 0:
-            raise ToolchainError(f"building {EXE_NAME} for {target_name} failed: "
-                                 f"{' '.join(r.stderr.split())[:400]}")
-        os.replace(tmp_out, out)
-    return out
+    return cached_build(root / target_name / key, EXE_NAME, lambda out, _: compile_command(target_name, out),
+                        f"{EXE_NAME} for {target_name}")

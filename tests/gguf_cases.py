@@ -37,3 +37,14 @@ def write_llama_gguf(path, attn_type=Q.Q4_1, seed=0):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def random_blocks(kind: str, rows: int, cols: int, rng) -> np.ndarray:
+    """Q4_1 / Q8_0 blocks of a rows x cols matrix, uint8 (rows, row bytes): every quant value
+    equally likely; finite fp16 steps (and minimums) of both signs."""
+    from ripple.compile.qgemv import BLOCK_BYTES
+    bb, nb = BLOCK_BYTES[kind], cols // 32
+    raw = rng.integers(0, 256, (rows, nb, bb), dtype=np.uint8)
+    for at in ((0, 2) if kind == "q4_1" else (0,)):
+        raw[:, :, at:at + 2] = (rng.standard_normal((rows, nb, 1)) * 0.05).astype(np.float16).view(np.uint8)
+    return raw.reshape(rows, nb * bb)

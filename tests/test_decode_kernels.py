@@ -10,6 +10,7 @@ import pytest
 import torch
 import tvm
 
+from gguf_cases import random_blocks
 from ripple.compile import decode_kernels as K
 from ripple.compile.qgemv import BLOCK_BYTES, qgemm, row_bytes
 from ripple.compile.targets import make_target
@@ -24,15 +25,6 @@ SHAPES = {"2d": (24, 96, None), "flat": (18, 64, (2500, 37))}
 @functools.lru_cache(maxsize=None)
 def built(func_key, make):
     return tvm.compile(tvm.IRModule({"main": make()}), target=make_target("host"))
-
-
-def random_blocks(kind: str, rows: int, cols: int, rng) -> np.ndarray:
-    """Every quant value equally likely; finite fp16 steps (and minimums) of both signs."""
-    bb, nb = BLOCK_BYTES[kind], cols // 32
-    raw = rng.integers(0, 256, (rows, nb, bb), dtype=np.uint8)
-    for at in ((0, 2) if kind == "q4_1" else (0,)):
-        raw[:, :, at:at + 2] = (rng.standard_normal((rows, nb, 1)) * 0.05).astype(np.float16).view(np.uint8)
-    return raw.reshape(rows, nb * bb)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -14,18 +14,9 @@ from ripple.tuning.forward import (MATRICES, forward, new_cache, quantizable_non
                                    to_torch_quantized)
 from ripple.tuning.quantized_matrix import GGUF_TYPE, QuantizedMatrix
 
-from gguf_cases import write_llama_gguf
+from gguf_cases import random_blocks, write_llama_gguf
 
 KINDS = sorted(BLOCK_BYTES)
-
-
-def random_blocks(kind: str, rows: int, cols: int, rng) -> np.ndarray:
-    """Every quant value equally likely; finite fp16 steps/scales and minimums of both signs."""
-    bb, nb = BLOCK_BYTES[kind], cols // 32
-    raw = rng.integers(0, 256, (rows, nb, bb), dtype=np.uint8)
-    for at in ((0, 2) if kind == "q4_1" else (0,)):
-        raw[:, :, at:at + 2] = (rng.standard_normal((rows, nb, 1)) * 0.05).astype(np.float16).view(np.uint8)
-    return raw.reshape(rows, nb * bb)
 
 
 @pytest.mark.parametrize("kind", KINDS)
