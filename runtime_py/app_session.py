@@ -1,5 +1,5 @@
-"""An APP folder (compile.app_files; `ripple compile`) loaded into this process: the same library and native flash
-runtime an app and `ripple-run` run, driven from Python.
+"""An APP folder (`ripple compile`, compile.app_files) loaded into this process: the same
+library and native flash runtime an app and `ripple-run` run, driven from Python.
 
 Python sets up (the runtime library, its config, the VM, params, the KV cache), calls
 `prefill` once and `decode` per token, and measures; between layers it is not there: the
