@@ -187,6 +187,44 @@ def test_whole_out_of_order_restarts_the_read_ahead_at_the_asked_layer(rt, layou
         assert np.array_equal(rt["whole"](layer).numpy(), whole[layer]), layer
 
 
+@pytest.mark.parametrize("read_ahead", [1, 3])
+def test_whole_with_several_layers_in_flight_in_any_order_returns_each_extent(rt, layout, read_ahead):
+    """Requests of one block each, several layers' worth in flight at once: jumps in the order
+    restart the stream, and only layers whose reads all finished are counted."""
+    whole = np.fromfile(layout.path.parent / "whole.rflash", np.uint8).reshape(L, WHOLE_BYTES)
+    rt["open"](config(layout, layer_mode=np.ones(L, np.int8), read_ahead=read_ahead,
+                      max_request_bytes=4096, queue_depth=16))
+    rng = np.random.default_rng(read_ahead)
+    layer = 0
+    for call in range(200):
+        layer = int(rng.integers(0, L)) if rng.random() < 0.1 else (layer + 1) % L
+        assert np.array_equal(rt["whole"](layer).numpy(), whole[layer]), call
+    rt["close"]()
+    s = stats(rt)
+    streamed = s[BYTES] / WHOLE_BYTES
+    assert streamed == int(streamed) and s[REQUESTS] == 3 * streamed and s[WHOLES] == 200
+
+
+def test_a_whole_file_truncated_after_open_fails_the_whole_call_of_that_layer_only(rt, layout, tmp_path):
+    for f in ("model.rflash", "whole.rflash"):
+        shutil.copyfile(layout.path.parent / f, tmp_path / f)
+    whole = np.fromfile(tmp_path / "whole.rflash", np.uint8).reshape(L, WHOLE_BYTES)
+    rt["open"](config(layout, folder=tmp_path, layer_mode=np.array([0, 1, 1, 1], np.int8), read_ahead=2,
+                      max_request_bytes=4096))
+    with open(tmp_path / "whole.rflash", "r+b") as f:
+        f.truncate(3 * WHOLE_BYTES + 4096)                          # layer 3 keeps its first block
+    for token in range(2):
+        for layer in (1, 2):
+            assert np.array_equal(rt["whole"](layer).numpy(), whole[layer]), (token, layer)
+        with pytest.raises(RuntimeError, match=r"ripple.rt.whole: .*whole.rflash: short read at offset \d+ "
+                                               r"\(0 of 4096 bytes\); is the file truncated\?") as e:
+            rt["whole"](3)
+        one_line(e)
+    rt["close"]()
+    s = stats(rt)
+    streamed = s[BYTES] / WHOLE_BYTES                                # never layer 3
+    assert streamed == int(streamed) and 4 <= streamed <= 6 and s[REQUESTS] == 3 * streamed
+
 def test_o_direct_off_reads_buffered_and_says_so(rt, layout):
     rt["open"](config(layout, o_direct=False))
     got = fetch(rt, 3, np.full((1, N), 2.0))

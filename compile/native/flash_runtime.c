@@ -22,11 +22,14 @@
  * Whole layers are read `read_ahead` layers early, in cyclic order (after the last layer comes
  * layer 0 of the next token), by one background thread driving its own pool at queue_depth, so
  * the reads hide behind the compute of the layers between (LLM in a flash, Sec. 3.3: a phone's
- * flash reaches its bandwidth only with requests in flight). Sparse layers are read on the
- * caller's thread when the predictor's logits are known: runs of active slots, widened to the
- * alignment, neighbours closer than collapse_gap_bytes read as one (Ripple's access collapse:
- * one larger request costs less than two small ones), cut to max_request_bytes, all in flight
- * together.
+ * flash reaches its bandwidth only with requests in flight). The pool's readers take the
+ * requests of every issued layer from one queue in stream order, so the next layer's requests
+ * fill the queue while the last of this one's finish (one layer at a time, 7 requests of
+ * 256 KiB on SmolLM2, left it nearly empty at each layer's tail: 0.9 GB/s of a disk's 1.5);
+ * a layer is done when its own requests are. Sparse layers are read on the caller's thread
+ * when the predictor's logits are known: runs of active slots, widened to the alignment,
+ * neighbours closer than collapse_gap_bytes read as one (Ripple's access collapse: one larger
+ * request costs less than two small ones), cut to max_request_bytes, all in flight together.
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -39,11 +42,13 @@
 #include "ripple_native.h"
 #include "runtime_config.h"
 
-enum { IDLE = 0, READING = 1, DONE = 2, FAILED = 3 };   /* a read-ahead buffer */
-
+/* A read-ahead buffer: the position it holds, from the taking of its first request on. */
 typedef struct {
-  int state;
+  int64_t pos;             /* -1: none yet */
   int64_t layer;
+  int64_t left;            /* its requests not yet read */
+  int done;                /* all read (and checked): whole() may hand it out */
+  int failed;              /* a read or its checksum failed: err says how */
   char err[1024];
 } ahead_t;
 
@@ -70,14 +75,18 @@ static struct {
   uint8_t *act, *mark;     /* (n,) active neurons, marked slots */
   int64_t *run_lo, *run_len, *run_ext, *ext_off, *ext_start, *req, *req_start;
   /* read-ahead: positions p = 0, 1, ... of the cyclic stream of whole layers not pinned; p is
-   * read into buffer p % nbuf. The thread reads done_upto .. issued - 1 in order. */
+   * read into buffer p % nbuf as requests q = p * wreqs .. p * wreqs + wreqs - 1, which the
+   * readers take in order: next_req .. issued * wreqs - 1 are still to take. */
   int64_t *stream, *stream_idx, stream_len, nbuf;
   char** ahead_buf;
   ahead_t* ahead;
-  int64_t issued, done_upto, consumed;
-  int started, reading, quit, thread_started;
+  int64_t issued, next_req, consumed;
+  int64_t busy;            /* requests taken, not yet finished (nor their layer's check) */
+  int64_t in_reads;        /* preads in flight: read seconds count while > 0 */
+  double reads_mark;       /* when read seconds were last brought up to date */
+  int started, quit, thread_started;
   pthread_t thread;
-  int64_t *wreq, *wreq_start;  /* the thread's requests of one whole layer */
+  int64_t *wreq, *wreq_start;  /* a pinned whole layer's requests, at open */
   double st[ST_COUNT];     /* under ra_mu */
 } rt = {.bfd = -1, .wfd = -1};
 
@@ -275,65 +284,108 @@ static int read_marked(const char* fn, int64_t layer, const uint8_t* mark, char*
 
 /* ------------------------------------------------------------------ read-ahead */
 
-static void* ahead_thread(void* arg) {
-  static const char* fn = "ripple.rt.whole (read-ahead)";
-  (void)arg;
+/* Called with ra_mu held before in_reads changes: read seconds are the wall time with a read
+ * in flight, counted as it passes (stats mid-stream include the reads still going). */
+static void count_read_time(void) {
+  double t = now_s();
+  if (rt.in_reads > 0) rt.st[ST_READ_SECONDS] += t - rt.reads_mark;
+  rt.reads_mark = t;
+}
+
+/* A reader of the read-ahead pool (every participant runs it until close): takes the next
+ * request of the stream, reads it into its position's buffer; the reader that finishes a
+ * position's last request checks it (verify on) and marks it done. */
+static void stream_reads(job_t* j, int idx) {
+  (void)j;
+  (void)idx;
+  const int64_t w = rt.wreqs, wlb = rt.cfg.whole_layer_bytes;
+  job_t one;  /* what a failed request leaves for the message */
   pthread_mutex_lock(&ra_mu);
   for (;;) {
-    while (!rt.quit && rt.done_upto == rt.issued) pthread_cond_wait(&ra_work, &ra_mu);
+    while (!rt.quit && rt.next_req == rt.issued * w) pthread_cond_wait(&ra_work, &ra_mu);
     if (rt.quit) break;
-    int64_t pos = rt.done_upto, layer = rt.stream[pos % rt.stream_len];
+    int64_t q = rt.next_req++, pos = q / w, at = q % w * rt.piece;
     ahead_t* a = &rt.ahead[pos % rt.nbuf];
     char* buf = rt.ahead_buf[pos % rt.nbuf];
-    a->state = READING;
-    a->layer = layer;
-    rt.reading = 1;
-    pthread_mutex_unlock(&ra_mu);
-    whole_requests(layer, rt.wreq, rt.wreq_start);
-    job_t j;
-    double el = 0;
-    read_job(&j, rt.wfd, buf, rt.wreq, rt.wreq_start, rt.wreqs);
-    int rc = pool_run(fn, &ahead_pool, &j, &el);
-    /* checked here, behind the compute of the layers between, as the read itself */
-    io_t io = {0, 0, 0, 0, 0};
-    int64_t bad = rc == 0 && !atomic_load(&j.failed) && rt.cfg.verify
-                      ? bad_block(rt.cfg.whole_crcs, rt.cfg.whole_offsets[layer], buf,
-                                  rt.cfg.whole_layer_bytes, &io)
-                      : -1;
-    pthread_mutex_lock(&ra_mu);
-    if (rc != 0) {
-      a->state = FAILED;
-      strcpy(a->err, "ripple.rt.whole: the read-ahead thread could not start its reader threads");
-    } else if (atomic_load(&j.failed)) {
-      a->state = FAILED;
-      job_message(a->err, sizeof a->err, "ripple.rt.whole", rt.cfg.whole_path, &j);
-    } else {
-      a->state = bad >= 0 ? FAILED : DONE;
-      if (bad >= 0)
-        checksum_message(a->err, sizeof a->err, "ripple.rt.whole", rt.cfg.whole_path, bad, 1);
-      rt.st[ST_BYTES_READ] += (double)rt.cfg.whole_layer_bytes;
-      rt.st[ST_REQUESTS] += (double)rt.wreqs;
+    if (at == 0) {
+      a->pos = pos;
+      a->layer = rt.stream[pos % rt.stream_len];
+      a->left = w;
+      a->done = a->failed = 0;
     }
-    rt.st[ST_READ_SECONDS] += el;
+    int64_t layer = a->layer;
+    int skip = a->failed;  /* the rest of a failed layer is not read */
+    ++rt.busy;
+    if (!skip) {
+      count_read_time();
+      ++rt.in_reads;
+    }
+    pthread_mutex_unlock(&ra_mu);
+    memset(&one, 0, sizeof one);
+    one.fd = rt.wfd;
+    int bad_read = !skip && read_full(&one, buf + at, rt.cfg.whole_offsets[layer] + at,
+                                      wlb - at < rt.piece ? wlb - at : rt.piece) != 0;
+    pthread_mutex_lock(&ra_mu);
+    if (!skip) {
+      count_read_time();
+      --rt.in_reads;
+    }
+    if (bad_read && !a->failed) {
+      a->failed = 1;
+      job_message(a->err, sizeof a->err, "ripple.rt.whole", rt.cfg.whole_path, &one);
+    }
+    if (--a->left > 0) {
+      --rt.busy;
+      continue;
+    }
+    int read_failed = a->failed;
+    io_t io = {0, 0, 0, 0, 0};
+    if (!read_failed && rt.cfg.verify) {
+      /* checked here, behind the compute of the layers between, as the read itself */
+      pthread_mutex_unlock(&ra_mu);
+      int64_t bad = bad_block(rt.cfg.whole_crcs, rt.cfg.whole_offsets[layer], buf, wlb, &io);
+      pthread_mutex_lock(&ra_mu);
+      if (bad >= 0) {
+        a->failed = 1;
+        checksum_message(a->err, sizeof a->err, "ripple.rt.whole", rt.cfg.whole_path, bad, 1);
+      }
+    }
+    if (!read_failed) {
+      rt.st[ST_BYTES_READ] += (double)wlb;
+      rt.st[ST_REQUESTS] += (double)w;
+    }
     rt.st[ST_VERIFIED] += (double)io.verified;
     rt.st[ST_VERIFY_SECONDS] += io.verify_seconds;
-    rt.reading = 0;
-    rt.done_upto = pos + 1;
+    a->done = 1;
+    --rt.busy;
     pthread_cond_broadcast(&ra_done);
   }
   pthread_mutex_unlock(&ra_mu);
+}
+
+static void* ahead_thread(void* arg) {
+  (void)arg;
+  job_t j;
+  double el;
+  memset(&j, 0, sizeof j);
+  j.run = stream_reads;
+  j.nthreads = (int)rt.cfg.queue_depth;
+  /* open started the pool's helpers (warm), so this cannot fail; if it did, read at depth 1 */
+  if (pool_run("ripple.rt.whole (read-ahead)", &ahead_pool, &j, &el) != 0) stream_reads(&j, 0);
   return NULL;
 }
 
-/* Called with ra_mu held: the next position is `layer`'s (stream index idx). Reads queued
- * but not started are dropped, the one being read is waited for, and the stream restarts at
- * the first position >= every one issued whose layer is `layer`. */
+/* Called with ra_mu held: the next position is `layer`'s (stream index idx). Positions none
+ * of whose requests was taken are dropped, the ones being read are waited for, and the stream
+ * restarts at the first position >= every one issued whose layer is `layer`. */
 static void restart_stream(int64_t idx) {
-  rt.issued = rt.reading ? rt.done_upto + 1 : rt.done_upto;
-  while (rt.done_upto < rt.issued) pthread_cond_wait(&ra_done, &ra_mu);
+  const int64_t w = rt.wreqs;
+  rt.issued = (rt.next_req + w - 1) / w;
+  while (rt.next_req < rt.issued * w || rt.busy > 0) pthread_cond_wait(&ra_done, &ra_mu);
   int64_t m = rt.stream_len, p = rt.issued;
   p += ((idx - p % m) % m + m) % m;
-  rt.issued = rt.done_upto = rt.consumed = p;
+  rt.issued = rt.consumed = p;
+  rt.next_req = p * w;
   rt.started = 1;
 }
 
@@ -487,8 +539,10 @@ static int open_runtime(const char* fn, const char* path) {
     if (alloc(fn, &rt.ahead_buf, rt.nbuf * z, 0) ||
         alloc(fn, &rt.ahead, rt.nbuf * (int64_t)sizeof(ahead_t), 0))
       return -1;
-    for (int64_t b = 0; b < rt.nbuf; ++b)
+    for (int64_t b = 0; b < rt.nbuf; ++b) {
+      rt.ahead[b].pos = -1;
       if (alloc(fn, &rt.ahead_buf[b], wlb, 1)) return -1;
+    }
     buffers += (double)(rt.nbuf * wlb);
     if (warm(fn, &ahead_pool, c->queue_depth) != 0) return -1;
     int e = pthread_create(&rt.thread, NULL, ahead_thread, NULL);
@@ -552,15 +606,18 @@ EXPORT int __tvm_ffi_ripple_rt_whole(void* self, const TVMFFIAny* args, int32_t 
     if (!rt.started || rt.stream[rt.consumed % rt.stream_len] != layer) restart_stream(idx);
     int64_t pos = rt.consumed;
     if (rt.issued < pos + 1 + rt.cfg.read_ahead) {
+      /* as many readers woken as there are new requests, not the whole pool: a reader that
+       * finishes one takes the next itself */
+      int64_t more = (pos + 1 + rt.cfg.read_ahead - rt.issued) * rt.wreqs;
       rt.issued = pos + 1 + rt.cfg.read_ahead;  /* into the buffer of the call before: see top */
-      pthread_cond_signal(&ra_work);
+      for (int64_t i = 0; i < more && i < rt.cfg.queue_depth; ++i) pthread_cond_signal(&ra_work);
     }
+    ahead_t* a = &rt.ahead[pos % rt.nbuf];
     double t0 = now_s();
-    while (rt.done_upto <= pos) pthread_cond_wait(&ra_done, &ra_mu);
+    while (a->pos != pos || !a->done) pthread_cond_wait(&ra_done, &ra_mu);
     waited = now_s() - t0;
     rt.consumed = pos + 1;
-    ahead_t* a = &rt.ahead[pos % rt.nbuf];
-    if (a->state == DONE)
+    if (!a->failed)
       data = rt.ahead_buf[pos % rt.nbuf];
     else
       strcpy(err, a->err);
