@@ -254,10 +254,10 @@ def _natives(target: str, tmp: Path) -> dict:
     from ..compile.native_reader import build_reader
     shutil.copyfile(build_reader(target), tmp / RUNTIME_LIBRARY)
     files = {"runtime": RUNTIME_LIBRARY}
-    if target == "host":
+    if target in ("host", "linux-arm64"):
         from ..compile.runner import build_runner, runtime_libraries
         shutil.copy2(build_runner(target), tmp / RUNNER)
-        for lib in runtime_libraries():
+        for lib in runtime_libraries(target):
             shutil.copyfile(lib, tmp / lib.name)
         files["runner"] = RUNNER
     return files

@@ -11,6 +11,7 @@ android-arm64: the NDK's clang when ANDROID_NDK_HOME is set; else Debian's aarch
                glibc's headers but no glibc: -nostdlib against empty stand-ins named like
                bionic's libc.so and libdl.so (as compile.targets links the kernels), outline
                atomics and the stack protector off (both would call into libgcc / glibc).
+linux-arm64:   Debian's aarch64 gcc against glibc, the host's flags (runs under qemu-aarch64).
 Builds are cached under build/native/TARGET/ by a hash of the sources and the command.
 """
 from __future__ import annotations
@@ -84,6 +85,8 @@ def compile_command(target_name: str, out: Path, stub_dir: Path | None = None) -
         if cc is None:
             raise ToolchainError("no C compiler (gcc/cc) found: install gcc")
         return [cc, *_WARN, "-pthread", inc, *_LINK, "-o", str(out), *map(str, SOURCES), "-ldl"]
+    if linker.via == "cross-glibc":     # linux-arm64: the host's command, aarch64's gcc
+        return [linker.compiler, *_WARN, "-pthread", inc, *_LINK, "-o", str(out), *map(str, SOURCES), "-ldl"]
     # Android 15 devices may use 16 KiB pages: align segments for them.
     android = [*_LINK, "-Wl,-z,max-page-size=16384", f"-Wl,-soname,{LIB_NAME}"]
     if linker.via == "ndk":

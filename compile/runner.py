@@ -5,7 +5,8 @@ tvm_ffi/lib/libtvm_ffi.so) and includes only the tvm_ffi headers; no libpython. 
 starts with $ORIGIN, where the APP builder copies those two libraries, then names the wheel's
 lib folders, so the binary also runs where it was built.
 
-host only: the wheel has no aarch64 runtime to link a phone build against.
+host, and linux-arm64 (glibc, for qemu-aarch64) against the runtime compile.tvm_runtime_build
+cross-builds: the wheel has no aarch64 runtime, and no bionic build exists yet for phones.
 Builds are cached under build/native/TARGET/ by a hash of the source and the command.
 """
 from __future__ import annotations
@@ -42,14 +43,20 @@ def _wheel_paths() -> tuple[Path, Path, Path]:
     return inc, tvm_lib, ffi_lib
 
 
-def runtime_libraries() -> list[Path]:
-    """The two shared libraries ripple-run needs, as the wheel ships them."""
+def runtime_libraries(target_name: str = "host") -> list[Path]:
+    """The two shared libraries ripple-run needs: the wheel's, or for linux-arm64 the ones
+    compile.tvm_runtime_build cross-builds from the wheel's sources."""
+    if target_name == "linux-arm64":
+        from .tvm_runtime_build import build_tvm_runtime
+        return build_tvm_runtime().libraries
     _, tvm_lib, ffi_lib = _wheel_paths()
     return [tvm_lib / RUNTIME_LIBS[0], ffi_lib / RUNTIME_LIBS[1]]
 
 
 def compile_command(target_name: str, out: Path) -> list[str]:
     """The compiler command line that builds ripple-run for `target_name` into `out`."""
+    if target_name == "linux-arm64":
+        return _linux_arm64_command(out)
     if target_name != "host":
         raise ToolchainError(f"ripple-run builds for host only, not {target_name!r}: the "
                              f"apache-tvm wheel ships no runtime for other machines")
@@ -62,6 +69,17 @@ def compile_command(target_name: str, out: Path) -> list[str]:
     return [cxx, *_WARN, "-isystem", str(inc), "-o", str(out), str(SOURCE),
             f"-L{tvm_lib}", f"-L{ffi_lib}", "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi",
             "-Wl,--as-needed", f"-Wl,-rpath,{rpath}", "-ldl", "-pthread"]
+
+
+def _linux_arm64_command(out: Path) -> list[str]:
+    """aarch64 glibc build against the cross-built runtime; rpath $ORIGIN only (the APP
+    builder copies the two libraries beside it)."""
+    from .tvm_runtime_build import build_tvm_runtime, cross_compiler
+    inc, _, _ = _wheel_paths()
+    cxx, lib = cross_compiler(), build_tvm_runtime().folder
+    return [cxx, *_WARN, "-isystem", str(inc), "-o", str(out), str(SOURCE), f"-L{lib}",
+            "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi", "-Wl,--as-needed",
+            "-Wl,-rpath,$ORIGIN", "-ldl", "-pthread"]
 
 
 def build_runner(target_name: str = "host", build_dir: str | os.PathLike | None = None) -> Path:

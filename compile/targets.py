@@ -24,6 +24,9 @@ TARGETS: dict[str, dict] = {
     # Every ARMv8-A phone has NEON; fp16 arithmetic (+fullfp16) is ARMv8.2 and is not needed:
     # kernels widen fp16 to f32 with fcvtl, which base NEON has.
     "android-arm64": {"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon"]},
+    # aarch64 Linux with glibc: runs here under qemu-aarch64 (compile.tvm_runtime_build builds
+    # its TVM runtime); phones use android-arm64.
+    "linux-arm64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
 }
 
 # Debian's cross compiler; links for glibc, so the library is linked without it (see linker_for).
@@ -55,7 +58,7 @@ def runs_here(name: str) -> bool:
 @dataclass(frozen=True)
 class Linker:
     """How a target's object files become the .so an app loads."""
-    via: str                  # "host-cc" | "ndk" | "cross-gcc"
+    via: str                  # "host-cc" | "ndk" | "cross-gcc" | "cross-glibc"
     compiler: str             # executable, or "" for TVM's default host compiler
     options: tuple[str, ...]  # extra flags for the link
 
@@ -71,6 +74,11 @@ def linker_for(name: str, env: dict | None = None) -> Linker:
     target_dict(name)
     if name == "host":
         return Linker("host-cc", "", ())
+    if name == "linux-arm64":       # glibc's own libc: the library runs where glibc does
+        gcc = shutil.which(CROSS_GCC, path=env.get("PATH"))
+        if gcc is None:
+            raise ToolchainError(f"{CROSS_GCC} not found: apt-get install gcc-aarch64-linux-gnu")
+        return Linker("cross-glibc", gcc, ())
     ndk_home = env.get("ANDROID_NDK_HOME")
     if ndk_home:
         clang = Path(ndk_home) / NDK_CLANG
@@ -114,6 +122,8 @@ def export_library(module, path: str | os.PathLike, target_name: str) -> Linker:
                 os.environ.pop("TVM_NDK_CC", None)
             else:
                 os.environ["TVM_NDK_CC"] = old
+    elif linker.via == "cross-glibc":
+        module.export_library(str(path), fcompile=cc.cross_compiler(linker.compiler))
     else:
         with tempfile.TemporaryDirectory() as stubs:
             opts = list(linker.options) + _bionic_stubs(linker.compiler, Path(stubs))
