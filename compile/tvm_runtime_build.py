@@ -12,7 +12,7 @@ match the 0.27 wheel: its runtime sources are byte-identical to that tag's).
 
 Built with Debian's aarch64-linux-gnu-g++ at nice 19, two compilers at a time (other work
 shares the machine), cached under build/native/linux-arm64/tvm-HASH/ by a hash of the sources,
-the headers and the command lines: 50 files, 321 s the first time on 2 busy cores.
+the headers and the command lines (50 files; minutes on 2 cores, once).
 """
 from __future__ import annotations
 
