@@ -28,6 +28,7 @@ from ..atomic_file import write_json
 from ..compile.app_files import (APP_FILE, CONFIG_FILE, FORMAT, LIBRARY, RUNNER, RUNTIME_LIBRARY, STORAGE_FILE,
                                  TOKENIZER_FILE, AppError)
 from ..compile.app_params import write_params
+from ..compile.build import knobs_for
 from ..compile.elf import read_elf
 from ..compile.ffn import VIEW_DTYPE
 from ..compile.model_graph import (FETCH, FUNCTIONS, LAYER_SPARSE, LAYER_WHOLE, WHOLE, DecodeSpec, WholeParts,
@@ -84,6 +85,10 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
     thresholds = _thresholds(meta, L, sparsity, layout_dir)
     predictor = _predictor(layout, desc, sets, thresholds, meta) if (mode == LAYER_SPARSE).any() else None
     kinds = matrix_kinds(desc)
+    knobs, tuned = knobs_for(layout.spec, target)
+    if (mode == LAYER_SPARSE).any() and not tuned:
+        step(f"no tuned knobs for the {layout.spec.dtype} sparse kernel on {target}: the default schedule "
+             f"(`ripple tune kernels --target {target} --dtype {layout.spec.dtype}` tunes it)")
     spec = DecodeSpec(
         arch=desc.arch, d_model=desc.d_model, n_layers=L, n_heads=desc.n_heads, n_kv_heads=desc.n_kv_heads,
         head_dim=desc.head_dim, d_ffn=desc.d_ffn, vocab=desc.vocab_size,
@@ -95,7 +100,7 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
         pos_offset=_pos_offset(desc), layer_mode=tuple(int(m) for m in mode),
         whole=None if copy is None else WholeParts(copy.layer_bytes, tuple(
             (p.name, p.kind, p.shape[0], p.shape[1], p.at) for p in copy.parts)),
-        bundle=layout.spec, knobs=_knobs(layout.spec, target), keep=meta.get("criterion", "coef"),
+        bundle=layout.spec, knobs=knobs, keep=meta.get("criterion", "coef"),
         score_thresholds=tuple(float(t) for t in thresholds),
         predictor_rank=0 if predictor is None else int(predictor.rank))
 
@@ -162,10 +167,12 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
             "layers": {"whole": [int(i) for i in np.flatnonzero(mode == LAYER_WHOLE)],
                        "sparse": [int(i) for i in np.flatnonzero(mode == LAYER_SPARSE)],
                        "pinned_whole": [int(i) for i in np.flatnonzero(pinned)]},
-            "sets": "all" if predictor is None else "predicted",
+            # none: no sparse layer, every layer read whole from the whole copy
+            "sets": "none" if not (mode == LAYER_SPARSE).any() else "all" if predictor is None else "predicted",
             "sparsity": float(meta.get("sparsity", 0.0)), "criterion": spec.keep,
             "score_thresholds": list(spec.score_thresholds),
-            "bundle": asdict(layout.spec), "knobs": spec.knobs.to_dict(), "kv_dtype": kv_dtype,
+            "bundle": asdict(layout.spec), "knobs": spec.knobs.to_dict(), "knobs_tuned": tuned,
+            "kv_dtype": kv_dtype,
             "io": {"queue_depth": queue_depth, "read_ahead": read_ahead, "collapse_gap_bytes": gap,
                    "max_request_bytes": request, "o_direct": o_direct, "verify": verify,
                    "storage_profile": STORAGE_FILE if storage_file is not None else None,
@@ -225,11 +232,6 @@ def _predictor(layout, desc, sets: str | None, thresholds: np.ndarray, meta: dic
 def _pos_offset(desc) -> int:
     from ..tuning.model import OPT_POSITION_OFFSET
     return OPT_POSITION_OFFSET if desc.pos_embed is not None else 0
-
-
-def _knobs(spec, target: str):
-    from ..compile.build import knobs_for
-    return knobs_for(spec, target)[0]
 
 
 def _pinned_layers(mode: np.ndarray, copy, budget_mb: float) -> np.ndarray:
