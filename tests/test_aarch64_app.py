@@ -2,9 +2,9 @@
 runtime cross-built from the wheel's sources (compile.tvm_runtime_build), execute under
 qemu-aarch64 and decode the ids the host APP decodes from the same layout and prompt.
 
-The first run builds the aarch64 TVM runtime (321 s on 2 busy cores, at nice 19) and needs the
-seven headers the wheel omits (compile.tvm_runtime_build: RIPPLE_TVM_SOURCE or build/tvm-source);
-it is cached under build/native/linux-arm64/, so later runs take about 20 s."""
+The first run builds the aarch64 TVM runtime (minutes, at nice 19) and needs the seven headers
+the wheel omits (compile.tvm_runtime_build: RIPPLE_TVM_SOURCE or build/tvm-source); it is cached
+under build/native/linux-arm64/, so later runs only compile the APP and decode."""
 import json
 import shutil
 import subprocess
