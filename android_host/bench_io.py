@@ -75,16 +75,13 @@ def register(bench_sub) -> None:
                         "(needs --predictor and a profile recorded with --record-inputs)")
     p.add_argument("--predictor", help="predictor file for --sets predicted (`ripple train-predictor`)")
     p.add_argument("--json", required=True, help="results JSON (a PNG is written beside it)")
-    from .remote_replay import add_replay_args
-    add_replay_args(p)
-    p.set_defaults(run=_run)
+    p.set_defaults(run=run_local)
+    return p
 
 
-def _run(args) -> None:
-    from .rpc import remote_endpoint
-    if remote_endpoint(args):       # the reads on a device over TVM RPC (android_host.remote_replay)
-        from .remote_replay import run_remote
-        return run_remote(args)
+def run_local(args) -> None:
+    """`ripple bench io` on this machine (android_host.remote_replay adds the device's flags
+    and runs the reads there when they are given)."""
     r = bench_io_cmd(model=args.model, workload=args.workload, sparsity=args.sparsity, profile=args.profile,
                      tokens=args.tokens, warmup=args.warmup, queue_depth=args.queue_depth, budget=args.budget,
                      strategies=args.strategies, devices=args.device, host_profile=args.host_profile,

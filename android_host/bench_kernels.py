@@ -38,17 +38,14 @@ def register(bench_sub) -> None:
     p.add_argument("--dtype", nargs="+", choices=DTYPES, default=["fp16", "int8"],
                    help="bundle encodings of the sparse kernels (q4: d_model a multiple of 32)")
     p.add_argument("--json", required=True, help="results (a PNG is written beside it)")
-    from .rpc import add_remote_args
-    add_remote_args(p, "the TVM variants")
-    p.set_defaults(run=_run)
+    p.set_defaults(run=run_local)
+    return p
 
 
-def _run(args) -> None:
+def run_local(args) -> None:
+    """`ripple bench kernels` on this machine (android_host.remote_kernels adds the device's
+    flags and times the TVM variants there when they are given)."""
     from ..atomic_file import write_json
-    from .rpc import remote_endpoint
-    if remote_endpoint(args):
-        from .remote_kernels import run_remote
-        return run_remote(args)
     res = bench_kernels(args.model, args.layer, args.db, args.fractions, args.repeat,
                         dtypes=tuple(args.dtype))
     write_json(args.json, res)

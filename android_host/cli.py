@@ -21,8 +21,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _bench_registrars() -> list:
     """`register(bench_sub)` of each benchmark module; these modules import nothing heavy at top."""
-    from . import bench_e2e, bench_io, bench_kernels, bench_match, bench_placement, bench_predictor, bench_qweights
-    return [bench_io.register, bench_predictor.register, bench_kernels.register, bench_placement.register,
+    from . import bench_e2e, bench_match, bench_placement, bench_predictor, bench_qweights, remote_kernels, \
+        remote_replay
+    # bench io and bench kernels come with the flags that run them on a device (remote_*).
+    return [remote_replay.register, bench_predictor.register, remote_kernels.register, bench_placement.register,
             bench_e2e.register, bench_qweights.register, bench_match.register]
 
 

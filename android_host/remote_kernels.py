@@ -227,6 +227,22 @@ def bench_kernels_remote_cmd(endpoint: Endpoint, target: str, json_out: str, mod
 
 
 
+def register(bench_sub) -> None:
+    """`ripple bench kernels` (android_host.bench_kernels' parser) with the flags that time its
+    TVM variants on a device; without them it runs here."""
+    from . import bench_kernels
+    from .rpc import add_remote_args
+    p = bench_kernels.register(bench_sub)
+    add_remote_args(p, "the TVM variants")
+    p.set_defaults(run=_run)
+
+
+def _run(args) -> None:
+    from .bench_kernels import run_local
+    from .rpc import remote_endpoint
+    return run_remote(args) if remote_endpoint(args) else run_local(args)
+
+
 def run_remote(args) -> None:
     """`ripple bench kernels --rpc/--tracker ...` (flags: android_host.rpc.add_remote_args)."""
     from .bench_kernels import print_table

@@ -260,13 +260,23 @@ def print_replay(r: dict) -> None:
                   f"{v['local_python_per_token_io_ms']:13.2f} {v['remote_over_local_native']:14.3f}")
 
 
-def add_replay_args(p) -> None:
-    """`ripple bench io`'s flags for running the reads on a device."""
+def register(bench_sub) -> None:
+    """`ripple bench io` (android_host.bench_io's parser) with the flags that run its reads on a
+    device; without them it runs here."""
+    from . import bench_io
     from .rpc import add_remote_args
+    p = bench_io.register(bench_sub)
     g = add_remote_args(p, "the reads (the device's native reader, on its own flash)")
     g.add_argument("--device-profile", help="the device's storage profile to plan with (default: probe "
                    "the device now with its native reader)")
     g.add_argument("--quick-probe", action="store_true", help="probe the device with the quick grid (seconds)")
+    p.set_defaults(run=_run)
+
+
+def _run(args) -> None:
+    from .bench_io import run_local
+    from .rpc import remote_endpoint
+    return run_remote(args) if remote_endpoint(args) else run_local(args)
 
 
 def run_remote(args) -> None:
