@@ -84,7 +84,8 @@ def available_dtypes() -> tuple[str, ...]:
     return tuple(ok)
 
 
-def register(bench_sub) -> None:
+def register(bench_sub):
+    """The `bench e2e` parser (android_host.remote_decode adds the device's flags to it)."""
     p = bench_sub.add_parser("e2e", help="llama.cpp (warm, cold, FFN-cold) against the compiled flash engine "
                                          "(in-process and ripple-run): per-token ms, bytes, DRAM, RSS, "
                                          "perplexity (JSON + PNG)")
@@ -108,10 +109,12 @@ def register(bench_sub) -> None:
     p.add_argument("--rounds", type=int, default=1,
                    help="run the configurations this many times in turn and report each figure's median "
                         "over the rounds (default 1; a shared host's speed drifts from minute to minute)")
-    p.set_defaults(run=_run)
+    p.set_defaults(run=run_local)
+    return p
 
 
-def _run(args) -> None:
+def run_local(args) -> None:
+    """`ripple bench e2e` on this machine."""
     r = bench_e2e_cmd(model=args.model, json_out=args.json, prompt=args.prompt, tokens=args.tokens,
                       threads=args.threads, dtype=args.dtype, sparsity=args.sparsity, profile=args.profile,
                       budget=args.budget, queue_depth=args.queue_depth, configs=args.configs,

@@ -21,11 +21,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _bench_registrars() -> list:
     """`register(bench_sub)` of each benchmark module; these modules import nothing heavy at top."""
-    from . import bench_e2e, bench_match, bench_placement, bench_predictor, bench_qweights, remote_kernels, \
+    from . import bench_match, bench_placement, bench_predictor, bench_qweights, remote_decode, remote_kernels, \
         remote_replay
     # bench io and bench kernels come with the flags that run them on a device (remote_*).
     return [remote_replay.register, bench_predictor.register, remote_kernels.register, bench_placement.register,
-            bench_e2e.register, bench_qweights.register, bench_match.register]
+            remote_decode.register, bench_qweights.register, bench_match.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

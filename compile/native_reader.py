@@ -29,7 +29,8 @@ from .targets import linker_for
 NATIVE = Path(__file__).resolve().parent / "native"
 # One library from these, each file one idea (native/ripple_native.h says what they share).
 SOURCES = tuple(NATIVE / f for f in ("ffi_args.c", "read_pool.c", "ripple_reader.c",
-                                     "runtime_config.c", "flash_runtime.c", "registry.c"))
+                                     "runtime_config.c", "flash_runtime.c", "timed_step.c",
+                                     "registry.c"))
 HEADERS = tuple(NATIVE / f for f in ("ripple_native.h", "runtime_config.h"))
 LIB_NAME = "libripple_reader.so"
 BUILD_DIR = Path("build") / "native"
@@ -38,17 +39,18 @@ ABI = 2                      # RIPPLE_ABI in native/ripple_native.h
 PREPARE, PROBE, READ_EXTENTS = "ripple_storage_prepare", "ripple_storage_probe", "ripple_flash_read_extents"
 BIND, HOOK, STATS = "ripple_flash_bind", "ripple_flash_read", "ripple_flash_stats"
 RT_OPEN, RT_WHOLE, RT_FETCH = "ripple_rt_open", "ripple_rt_whole", "ripple_rt_fetch"
-RT_STATS, RT_CLOSE = "ripple_rt_stats", "ripple_rt_close"
+RT_STATS, RT_CLOSE, RT_STEP = "ripple_rt_stats", "ripple_rt_close", "ripple_rt_step"
 ABI_FN, GLOBALS_FN = "ripple_native_abi", "ripple_native_globals"
 GLOBALS = ("ripple.storage.prepare", "ripple.storage.probe", "ripple.flash.read_extents",
            "ripple.flash.bind", "ripple.flash.read", "ripple.flash.stats",
            "ripple.rt.open", "ripple.rt.whole", "ripple.rt.fetch", "ripple.rt.stats", "ripple.rt.close",
+           "ripple.rt.step",
            "ripple.native.abi", "ripple.native.globals")
 HOOK_GLOBAL = "ripple.flash.read"      # compile.graph.FLASH_READ; kept when already registered
 # What the android build may call: bionic's libc and libdl.
 BIONIC_CALLS = frozenset(
-    "__errno clock_gettime close dlopen dlsym free fsync lseek malloc memcmp memcpy memset open "
-    "posix_memalign pread pthread_cond_broadcast pthread_cond_signal pthread_cond_wait qsort "
+    "__errno clock_gettime close dlopen dlsym free fsync lseek madvise malloc memcmp memcpy memset mmap "
+    "munmap open posix_memalign pread pthread_cond_broadcast pthread_cond_signal pthread_cond_wait qsort "
     "pthread_create pthread_detach pthread_join pthread_mutex_lock pthread_mutex_unlock rename "
     "snprintf strcmp strcpy strerror strlen unlink vsnprintf write".split())
 

@@ -37,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "ripple_native.h"
@@ -78,7 +79,9 @@ static struct {
    * read into buffer p % nbuf as requests q = p * wreqs .. p * wreqs + wreqs - 1, which the
    * readers take in order: next_req .. issued * wreqs - 1 are still to take. */
   int64_t *stream, *stream_idx, stream_len, nbuf;
-  char** ahead_buf;
+  char** ahead_buf;        /* nbuf pointers into region */
+  char* region;            /* the read-ahead buffers, one mapping (map_region) */
+  size_t region_bytes;
   ahead_t* ahead;
   int64_t issued, next_req, consumed;
   int64_t busy;            /* requests taken, not yet finished (nor their layer's check) */
@@ -407,7 +410,7 @@ static void teardown(void) {
     if (rt.pinned_whole) free(rt.pinned_whole[l]);
     if (rt.pinned_rows) free(rt.pinned_rows[l]);
   }
-  for (int64_t b = 0; rt.ahead_buf && b < rt.nbuf; ++b) free(rt.ahead_buf[b]);
+  if (rt.region) munmap(rt.region, rt.region_bytes);
   void* owned[] = {rt.pinned_whole, rt.pinned_rows, rt.pin_row, rt.gather, rt.stage, rt.act,
                    rt.mark, rt.run_lo, rt.run_len, rt.run_ext, rt.ext_off, rt.ext_start, rt.req,
                    rt.req_start, rt.stream, rt.stream_idx, rt.ahead_buf, rt.ahead, rt.wreq,
@@ -430,6 +433,28 @@ static int alloc(const char* fn, void* out, int64_t bytes, int aligned) {
     return fail("RuntimeError", "%s: cannot allocate %lld bytes", fn, (long long)size);
   memset(p, 0, size);  /* first-touch faults now, not while a token waits */
   *(void**)out = p;
+  return 0;
+}
+
+/* The read-ahead buffers, one mapping whose 2 MiB-aligned parts the kernel may back with huge
+ * pages (transparent huge pages, on madvise): an O_DIRECT read into 4 KiB pages pins each page
+ * and hands the disk one segment per page, and the reader pays for it in CPU time the
+ * compute threads share. The mapping ends at the buffers' last 4 KiB page, so a partial huge
+ * page is never faulted in (DRAM held stays what stats counts). */
+static int map_region(const char* fn, int64_t bytes) {
+  const size_t huge = (size_t)2 << 20, size = (size_t)align_up(bytes, ALIGN);
+  char* p = (char*)mmap(NULL, size + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return fail("RuntimeError", "%s: cannot map %lld bytes of read-ahead buffers: %s", fn,
+                                   (long long)size, strerror(ERRNO));
+  char* at = (char*)(((uintptr_t)p + huge - 1) & ~(uintptr_t)(huge - 1));
+  if (at > p) munmap(p, (size_t)(at - p));
+  munmap(at + size, (size_t)(p + size + huge - (at + size)));
+#ifdef MADV_HUGEPAGE
+  madvise(at, size, MADV_HUGEPAGE);  /* advice: without THP the buffers stay on 4 KiB pages */
+#endif
+  memset(at, 0, size);               /* first-touch faults now, not while a token waits */
+  rt.region = at;
+  rt.region_bytes = size;
   return 0;
 }
 
@@ -539,9 +564,12 @@ static int open_runtime(const char* fn, const char* path) {
     if (alloc(fn, &rt.ahead_buf, rt.nbuf * z, 0) ||
         alloc(fn, &rt.ahead, rt.nbuf * (int64_t)sizeof(ahead_t), 0))
       return -1;
+    /* each buffer starts on a 4 KiB boundary (O_DIRECT) */
+    const int64_t stride = align_up(wlb, ALIGN);
+    if (map_region(fn, rt.nbuf * stride)) return -1;
     for (int64_t b = 0; b < rt.nbuf; ++b) {
       rt.ahead[b].pos = -1;
-      if (alloc(fn, &rt.ahead_buf[b], wlb, 1)) return -1;
+      rt.ahead_buf[b] = rt.region + b * stride;
     }
     buffers += (double)(rt.nbuf * wlb);
     if (warm(fn, &ahead_pool, c->queue_depth) != 0) return -1;

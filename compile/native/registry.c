@@ -28,6 +28,7 @@ DECLARE(ripple_flash_bind)
 DECLARE(ripple_flash_read)
 DECLARE(ripple_flash_stats)
 DECLARE(ripple_rt_open)
+DECLARE(ripple_rt_step)
 DECLARE(ripple_rt_whole)
 DECLARE(ripple_rt_fetch)
 DECLARE(ripple_rt_stats)
@@ -68,6 +69,7 @@ static const struct {
     {"ripple.rt.fetch", __tvm_ffi_ripple_rt_fetch},
     {"ripple.rt.stats", __tvm_ffi_ripple_rt_stats},
     {"ripple.rt.close", __tvm_ffi_ripple_rt_close},
+    {"ripple.rt.step", __tvm_ffi_ripple_rt_step},
     {"ripple.native.abi", __tvm_ffi_ripple_native_abi},
     {"ripple.native.globals", __tvm_ffi_ripple_native_globals},
 };
