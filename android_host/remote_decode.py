@@ -99,25 +99,32 @@ def remote_generate(s: Session, app: Path, info: dict, prompt_ids: list[int], n_
     logits, as ripple-run) or an end-of-sequence id. RemoteError mid-loop ends the run with
     what it has."""
     from ..compile.app_params import read_params
-    from .bench_app import kv_bytes
     run = RemoteRun(list(prompt_ids))
     up = upload_app(s, app, info, progress)
     s.load_module(up["names"]["runtime"])     # its constructor registers ripple.rt.* in the server
-    s.call("ripple.rt.open", s.get_function("ripple.rt.open"), up["paths"]["config"])
+    fns = {}
+    for name in ("open", "close", "stats", "step"):
+        try:
+            fns[name] = s.get_function(f"ripple.rt.{name}")
+        except AttributeError:                 # TVM's "Module has no function"
+            raise BenchError(f"{app / info['runtime_library']}: no ripple.rt.{name} on the device (a runtime "
+                             f"built by an older ripple); compile the APP again") from None
+    s.call("ripple.rt.open", fns["open"], up["paths"]["config"])
     try:
-        return _decode(s, info, up, read_params(app, info["params"]), run, n_ids, progress, on_token,
-                       kv_bytes)
+        return _decode(s, info, up, read_params(app, info["params"]), run, n_ids, fns, progress, on_token)
     finally:
         if s.alive:
             try:
-                s.call("ripple.rt.close", s.get_function("ripple.rt.close"))
+                s.call("ripple.rt.close", fns["close"])
             except RemoteError:
                 pass
 
 
-def _decode(s: Session, info: dict, up: dict, params: list, run: RemoteRun, n_ids: int, progress,
-            on_token, kv_bytes) -> RemoteRun:
+def _decode(s: Session, info: dict, up: dict, params: list, run: RemoteRun, n_ids: int, fns: dict, progress,
+            on_token) -> RemoteRun:
     from tvm import relax
+
+    from .bench_app import kv_bytes
     exe = s.load_module(up["names"]["model"])
     vm = s.call("make the VM", relax.VirtualMachine, exe, s.cpu())
     if progress:
@@ -127,10 +134,10 @@ def _decode(s: Session, info: dict, up: dict, params: list, run: RemoteRun, n_id
     L, two, _, kvd = info["kv"]["shape"]
     max_len = len(run.prompt_ids) + n_ids
     kv = s.tensor(np.zeros((L, two, max_len, kvd), info["kv"]["dtype"]), "KV cache to device")
-    step = s.get_function("ripple.rt.step")
+    step = fns["step"]
     out = s.tensor(np.zeros(STEP_OUT, np.float64), "step out to device")
     stats = s.tensor(np.zeros(STATS, np.float64))
-    s.call("ripple.rt.stats", s.get_function("ripple.rt.stats"), stats)
+    s.call("ripple.rt.stats", fns["stats"], stats)
     before = s.call("download stats", stats.numpy)
     eos = set(info["eos_token_ids"])
     try:
