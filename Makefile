@@ -39,14 +39,15 @@ demo: $(STAMP) sysdeps
 		print("ripple-run:", len(b["ids"]), "ids,", "the same" if same else "NOT the same", \
 		"as ripple generate; peak RSS %.1f MB" % rss); sys.exit(not same)'
 
-# System tools: gcc and the aarch64 cross compiler (android-arm64 kernels; the native flash
-# reader, compile/native, for both), file and readelf (tests
+# System tools: gcc and the aarch64 cross compilers (android-arm64 kernels; the native flash
+# runtime, compile/native, for both; g++ for the linux-arm64 ripple-run and TVM runtime),
+# qemu-user (tests run that aarch64 ripple-run), file and readelf (tests
 # of the .so), fio (the storage probe is checked against it). apt runs only when a tool is
 # missing, so repeated runs are fast.
 # The aarch64 C headers (libc6-dev-arm64-cross) are only a Recommends of the cross compiler,
 # which --no-install-recommends leaves out: checked by one of their files.
-SYSDEPS_PKGS  := gcc gcc-aarch64-linux-gnu libc6-dev-arm64-cross file binutils fio
-SYSDEPS_TOOLS := gcc aarch64-linux-gnu-gcc file readelf fio
+SYSDEPS_PKGS  := gcc gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user file binutils fio
+SYSDEPS_TOOLS := gcc aarch64-linux-gnu-gcc aarch64-linux-gnu-g++ qemu-aarch64 file readelf fio
 SYSDEPS_FILES := /usr/aarch64-linux-gnu/include/stdio.h
 sysdeps:
 	@missing=""; for t in $(SYSDEPS_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
