@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="device profile to write (e.g. devices/NAME.json)")
     p.add_argument("--name", default="this-machine", help="device name recorded in the profile")
     p.add_argument("--quick", action="store_true", help="few cells, small file (seconds; for tests)")
-    p.add_argument("--engine", choices=["auto", "aio", "threads"], default="auto", help="reader engine")
+    p.add_argument("--engine", choices=["native", "auto", "aio", "threads"], default="native",
+                   help="reader: native (the flash runtime's, default) or runtime_py's Python reader (auto, aio, threads)")
     p.add_argument("--no-fio", action="store_true", help="skip the comparison with fio")
     from .rpc import add_remote_args
     add_remote_args(p, "the probe (the device's native reader; --path: where --compare-local probes here)")

@@ -1,5 +1,9 @@
 """`ripple probe storage`: measure a disk's read latency table with the reader the runtime uses.
 
+The reader is the native one by default (engine "native": compile/native/ripple_reader.c,
+loaded into this process), the pthreads reader on huge-page buffers that the flash runtime
+and a phone run; engines "aio" / "threads" probe with runtime_py/reader.py instead.
+
 For every request size (4 KiB ... 4 MiB) and queue depth (1 ... 32), random aligned O_DIRECT
 reads of a test file keep `qd` requests in flight for a short while; the mean latency of
 one request is elapsed * qd / requests (Little's law). Sequential bandwidth is read the same
@@ -41,8 +45,43 @@ FIO_CELLS_QUICK = [(4 * KiB, 8), (1 * MiB, 8)]
 SEQ_REQUEST, SEQ_QD = 1 * MiB, 8
 
 
+ENGINES = ("native", "auto", "aio", "threads")
+
+
 class ProbeError(RuntimeError):
     """The probe cannot measure here (no O_DIRECT, no room for its test file)."""
+
+
+class NativeCells:
+    """The native reader at one queue depth, in this process: each cell is one call of
+    ripple.storage.probe (its threads keep `queue_depth` reads in flight until the time is
+    up, Little's law gives the mean latency). The reader the runtime and phones use."""
+    engine = "native"
+    fallback_reason = ""
+
+    def __init__(self, path: Path, queue_depth: int):
+        from .remote_reader import open_reader
+        self.path, self.queue_depth = str(path), queue_depth
+        self.reader = open_reader(None, "host")
+        try:                                  # it refuses a file without O_DIRECT
+            self.reader.probe_cell(self.path, 4096, 1, 0.005)
+        except Exception as e:                # TVM's error of the native call
+            raise ProbeError(f"{path}: the native reader cannot read it with O_DIRECT "
+                             f"({' '.join(str(e).split())[-160:]}); probe a folder on a real disk") from None
+        self.o_direct = True
+
+    def cell(self, size: int, seconds: float, sequential: bool, seed: int) -> tuple[float, int]:
+        lat_us = self.reader.probe_cell(self.path, size, self.queue_depth, seconds, sequential, seed)
+        return seconds, max(int(round(seconds * self.queue_depth / (lat_us * 1e-6))), 1)
+
+    def close(self) -> None:
+        pass
+
+
+def make_reader(path: Path, queue_depth: int, engine: str):
+    if engine not in ENGINES:
+        raise ProbeError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    return NativeCells(path, queue_depth) if engine == "native" else FlashReader(path, queue_depth, engine=engine)
 
 
 @dataclass
@@ -90,6 +129,8 @@ def measure_cell(reader: FlashReader, file_bytes: int, size: int, seconds: float
                  rng: np.random.Generator, sequential: bool = False) -> tuple[float, int]:
     """(elapsed s, requests) reading `size`-byte requests at the reader's queue depth for
     about `seconds`. Batches are at most 64 MiB (or one request per slot of the queue)."""
+    if isinstance(reader, NativeCells):
+        return reader.cell(size, seconds, sequential, int(rng.integers(1 << 31)))
     qd = reader.queue_depth
     batch = max(qd * 2, min(4096, (64 * MiB) // size))
     reader.read(np.stack([_offsets(rng, file_bytes, size, qd, sequential), np.full(qd, size)], 1))
@@ -151,7 +192,7 @@ FIO_SMALL_PAGES = ("fio ran on 4 KiB-page buffers for {cells} (too few free huge
                    "splits its large requests, so those ratios are not the reader's")
 
 
-def probe_storage(path: str | os.PathLike = ".", quick: bool = False, engine: str = "auto",
+def probe_storage(path: str | os.PathLike = ".", quick: bool = False, engine: str = "native",
                   with_fio: bool = True, cell_s: float | None = None, progress: bool = True) -> ProbeResult:
     cfg = dict(QUICK if quick else FULL)
     if cell_s is not None:
@@ -166,7 +207,7 @@ def probe_storage(path: str | os.PathLike = ".", quick: bool = False, engine: st
     try:
         for q in qds + [SEQ_QD]:
             if q not in readers:
-                readers[q] = FlashReader(f, q, engine=engine)
+                readers[q] = make_reader(f, q, engine)
         r0 = readers[qds[0]]
         if not r0.o_direct:
             raise ProbeError(f"{f}: O_DIRECT is refused here ({r0.fallback_reason}); probe a "
@@ -189,7 +230,7 @@ def probe_storage(path: str | os.PathLike = ".", quick: bool = False, engine: st
                 sequential = q < 0
                 q = abs(q)
                 if q not in readers:
-                    readers[q] = FlashReader(f, q, engine=engine)
+                    readers[q] = make_reader(f, q, engine)
                 ours, theirs = [], []
                 for _ in range(cfg["rounds"]):   # alternate, so both see the same load
                     el, n = measure_cell(readers[q], fb, size, cfg["fio_s"], rng, sequential)
@@ -217,7 +258,7 @@ def probe_storage(path: str | os.PathLike = ".", quick: bool = False, engine: st
 
 
 def probe_cmd(path: str = ".", out: str | None = None, name: str = "this-machine", quick: bool = False,
-              engine: str = "auto", with_fio: bool = True, dram_budget_bytes: int = 1 << 30) -> dict:
+              engine: str = "native", with_fio: bool = True, dram_budget_bytes: int = 1 << 30) -> dict:
     """`ripple probe storage`: probe, compare with fio, write the device profile."""
     from .devices import Device, host_cpu_target, host_dram_bytes, save_device
 
@@ -262,7 +303,7 @@ class InterleavedTable:
     """A latency table measured a few cells at a time between other work (`step`), so that
     it sees the load that work saw: a benchmark checks its storage model with it."""
 
-    def __init__(self, path: str | os.PathLike, engine: str = "auto", cell_s: float = 0.03,
+    def __init__(self, path: str | os.PathLike, engine: str = "native", cell_s: float = 0.03,
                  sizes=None, qds=None, file_bytes: int = FULL["file_bytes"]):
         self.file = probe_file(path, file_bytes)
         self.file_bytes = self.file.stat().st_size
@@ -271,7 +312,7 @@ class InterleavedTable:
         self.elapsed = {c: 0.0 for c in self.cells}
         self.requests = {c: 0 for c in self.cells}
         self.cell_s = cell_s
-        self.readers = {q: FlashReader(self.file, q, engine=engine) for q in set(self.qds) | {SEQ_QD}}
+        self.readers = {q: make_reader(self.file, q, engine) for q in set(self.qds) | {SEQ_QD}}
         self.rng = np.random.default_rng(2)
         self.next = 0
 

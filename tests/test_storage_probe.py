@@ -16,7 +16,9 @@ def test_quick_probe_writes_a_device_profile_with_a_full_table(tmp_path):
     st = dev.storage
     assert st.latency_us.shape == (len(QUICK["sizes"]), len(QUICK["qds"]))
     assert (st.latency_us > 0).all() and np.isfinite(st.latency_us).all() and st.seq_MBps > 0
-    assert d["details"]["engine"] in ("aio", "threads")
+    # the flash runtime's own reader by default; the Python reader on request
+    assert d["details"]["engine"] == "native"
+    assert probe_cmd(str(tmp_path), None, quick=True, engine="threads", with_fio=False)["details"]["engine"] == "threads"
 
 
 def test_quick_probe_compares_itself_with_fio_in_the_same_run(tmp_path):

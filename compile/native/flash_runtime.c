@@ -37,7 +37,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include "ripple_native.h"
@@ -80,8 +79,8 @@ static struct {
    * readers take in order: next_req .. issued * wreqs - 1 are still to take. */
   int64_t *stream, *stream_idx, stream_len, nbuf;
   char** ahead_buf;        /* nbuf pointers into region */
-  char* region;            /* the read-ahead buffers, one mapping (map_region) */
-  size_t region_bytes;
+  char* region;            /* the read-ahead buffers, one mapping (map_buffer) */
+  size_t region_bytes, stage_mapped;
   ahead_t* ahead;
   int64_t issued, next_req, consumed;
   int64_t busy;            /* requests taken, not yet finished (nor their layer's check) */
@@ -410,8 +409,9 @@ static void teardown(void) {
     if (rt.pinned_whole) free(rt.pinned_whole[l]);
     if (rt.pinned_rows) free(rt.pinned_rows[l]);
   }
-  if (rt.region) munmap(rt.region, rt.region_bytes);
-  void* owned[] = {rt.pinned_whole, rt.pinned_rows, rt.pin_row, rt.gather, rt.stage, rt.act,
+  unmap_buffer(rt.region, rt.region_bytes);
+  unmap_buffer(rt.stage, rt.stage_mapped);
+  void* owned[] = {rt.pinned_whole, rt.pinned_rows, rt.pin_row, rt.gather, rt.act,
                    rt.mark, rt.run_lo, rt.run_len, rt.run_ext, rt.ext_off, rt.ext_start, rt.req,
                    rt.req_start, rt.stream, rt.stream_idx, rt.ahead_buf, rt.ahead, rt.wreq,
                    rt.wreq_start};
@@ -433,28 +433,6 @@ static int alloc(const char* fn, void* out, int64_t bytes, int aligned) {
     return fail("RuntimeError", "%s: cannot allocate %lld bytes", fn, (long long)size);
   memset(p, 0, size);  /* first-touch faults now, not while a token waits */
   *(void**)out = p;
-  return 0;
-}
-
-/* The read-ahead buffers, one mapping whose 2 MiB-aligned parts the kernel may back with huge
- * pages (transparent huge pages, on madvise): an O_DIRECT read into 4 KiB pages pins each page
- * and hands the disk one segment per page, and the reader pays for it in CPU time the
- * compute threads share. The mapping ends at the buffers' last 4 KiB page, so a partial huge
- * page is never faulted in (DRAM held stays what stats counts). */
-static int map_region(const char* fn, int64_t bytes) {
-  const size_t huge = (size_t)2 << 20, size = (size_t)align_up(bytes, ALIGN);
-  char* p = (char*)mmap(NULL, size + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) return fail("RuntimeError", "%s: cannot map %lld bytes of read-ahead buffers: %s", fn,
-                                   (long long)size, strerror(ERRNO));
-  char* at = (char*)(((uintptr_t)p + huge - 1) & ~(uintptr_t)(huge - 1));
-  if (at > p) munmap(p, (size_t)(at - p));
-  munmap(at + size, (size_t)(p + size + huge - (at + size)));
-#ifdef MADV_HUGEPAGE
-  madvise(at, size, MADV_HUGEPAGE);  /* advice: without THP the buffers stay on 4 KiB pages */
-#endif
-  memset(at, 0, size);               /* first-touch faults now, not while a token waits */
-  rt.region = at;
-  rt.region_bytes = size;
   return 0;
 }
 
@@ -505,7 +483,7 @@ static int open_runtime(const char* fn, const char* path) {
   rt.piece = c->max_request_bytes > 0 ? c->max_request_bytes : ((int64_t)1 << 62);
   rt.max_reqs = n + (c->max_request_bytes > 0 ? rt.stage_cap / c->max_request_bytes : 0) + 1;
   int64_t z = (int64_t)sizeof(int64_t);
-  if (alloc(fn, &rt.gather, rt.gather_cap, 1) || alloc(fn, &rt.stage, rt.stage_cap, 1) ||
+  if (alloc(fn, &rt.gather, rt.gather_cap, 1) ||
       alloc(fn, &rt.act, n, 0) || alloc(fn, &rt.mark, n, 0) || alloc(fn, &rt.run_lo, n * z, 0) ||
       alloc(fn, &rt.run_len, n * z, 0) || alloc(fn, &rt.run_ext, n * z, 0) ||
       alloc(fn, &rt.ext_off, n * z, 0) || alloc(fn, &rt.ext_start, n * z, 0) ||
@@ -514,6 +492,10 @@ static int open_runtime(const char* fn, const char* path) {
       alloc(fn, &rt.pin_row, L * n * 4, 0) || alloc(fn, &rt.stream, L * z, 0) ||
       alloc(fn, &rt.stream_idx, L * z, 0))
     return -1;
+  /* the reads of a fetch land here: on huge pages, as the read-ahead's (map_buffer) */
+  if (rt.stage_cap > 0 && !(rt.stage = map_buffer(rt.stage_cap, &rt.stage_mapped)))
+    return fail("RuntimeError", "%s: cannot map a %lld-byte read buffer: %s", fn, (long long)rt.stage_cap,
+                strerror(ERRNO));
   if (warm(fn, &fetch_pool, c->queue_depth) != 0) return -1;
   double pinned = 0;
   io_t uncounted = {0, 0, 0, 0, 0};  /* reads at open are not a token's */
@@ -566,7 +548,10 @@ static int open_runtime(const char* fn, const char* path) {
       return -1;
     /* each buffer starts on a 4 KiB boundary (O_DIRECT) */
     const int64_t stride = align_up(wlb, ALIGN);
-    if (map_region(fn, rt.nbuf * stride)) return -1;
+    rt.region = map_buffer(rt.nbuf * stride, &rt.region_bytes);
+    if (!rt.region)
+      return fail("RuntimeError", "%s: cannot map %lld bytes of read-ahead buffers: %s", fn,
+                  (long long)(rt.nbuf * stride), strerror(ERRNO));
     for (int64_t b = 0; b < rt.nbuf; ++b) {
       rt.ahead[b].pos = -1;
       rt.ahead_buf[b] = rt.region + b * stride;

@@ -3,8 +3,10 @@
  * requests at once (a phone's UFS reaches its bandwidth only at depth; see the probe).
  */
 #define _GNU_SOURCE
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -17,6 +19,32 @@ double now_s(void) {
 }
 
 int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
+
+/* What reads land in: one mapping whose 2 MiB-aligned parts the kernel may back with huge
+ * pages (transparent huge pages, on madvise). An O_DIRECT read into 4 KiB pages pins each page
+ * and hands the disk one segment per page: a 1 MiB request is 256, more than a virtio disk
+ * takes (~254), so the kernel splits it, and the reader pays CPU time per page that a phone's
+ * compute threads share. The mapping ends at the buffer's last 4 KiB page, so no partial huge
+ * page is faulted in (DRAM held stays what the callers count). Zeroed (first-touch faults now,
+ * not while a token waits); NULL with errno set on failure. */
+char* map_buffer(int64_t bytes, size_t* mapped) {
+  const size_t huge = (size_t)2 << 20, size = (size_t)align_up(bytes > 0 ? bytes : 1, ALIGN);
+  char* p = (char*)mmap(NULL, size + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return NULL;
+  char* at = (char*)(((uintptr_t)p + huge - 1) & ~(uintptr_t)(huge - 1));
+  if (at > p) munmap(p, (size_t)(at - p));
+  munmap(at + size, (size_t)(p + size + huge - (at + size)));
+#ifdef MADV_HUGEPAGE
+  madvise(at, size, MADV_HUGEPAGE);  /* advice: without THP the buffer stays on 4 KiB pages */
+#endif
+  memset(at, 0, size);
+  *mapped = size;
+  return at;
+}
+
+void unmap_buffer(char* p, size_t mapped) {
+  if (p) munmap(p, mapped);
+}
 
 /* A helper takes a place (a ticket) in the posted job; only as many helpers as the job has
  * places are woken, so a job of 3 reads does not wake a pool grown to 32 threads for another. */

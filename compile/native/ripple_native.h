@@ -98,6 +98,9 @@ typedef struct {
   {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,             \
    PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, NULL, {0}}
 
+/* A zeroed read buffer on huge pages where the kernel gives them (read_pool.c); NULL on failure. */
+INTERNAL char* map_buffer(int64_t bytes, size_t* mapped);
+INTERNAL void unmap_buffer(char* p, size_t mapped);
 /* Runs j on j->nthreads participants; *seconds = wall time from start to the last one's end. */
 INTERNAL int pool_run(const char* fn, pool_t* p, job_t* j, double* seconds);
 /* Ends the pool's helpers (no job may be running); the pool can be used again afterwards. */

@@ -1,5 +1,5 @@
 /* The phone-side flash reader: O_DIRECT reads of a list of extents with the pool of reader
- * threads keeping `queue_depth` requests in flight, into a 4 KiB-aligned staging buffer; the
+ * threads keeping `queue_depth` requests in flight, into a staging buffer on huge pages; the
  * storage probe (one latency-table cell per call, Little's law), the same measurement
  * android_host/probe.py makes with runtime_py/reader.py on the host; and the Python engine's
  * flash hook in C (ripple.flash.bind / read / stats).
@@ -62,19 +62,23 @@ static void forget_file(void) {
   open_path[0] = 0;
 }
 
-static char* stage = NULL;  /* 4 KiB-aligned, grown on demand, never shrunk */
+static char* stage = NULL;  /* on huge pages (map_buffer), grown on demand, never shrunk */
 static int64_t stage_bytes = 0;
+static size_t stage_mapped = 0;
 
 static int staging(const char* fn, int64_t nbytes, char** out) {
   if (nbytes > stage_bytes) {
-    void* p = NULL;
-    int64_t size = (nbytes + ALIGN - 1) / ALIGN * ALIGN;
-    if (posix_memalign(&p, ALIGN, (size_t)size) != 0)
-      return fail("RuntimeError", "%s: cannot allocate a %lld-byte read buffer", fn, (long long)size);
-    memset(p, 0, (size_t)size);  /* first-touch faults now, not while timing reads */
-    free(stage);
-    stage = (char*)p;
-    stage_bytes = size;
+    size_t mapped = 0;
+    /* whole huge pages: this buffer is not counted as a model's DRAM, and a probe of small
+     * requests (64 KiB at depth 8) then reads into huge pages as fio's does */
+    char* p = map_buffer(align_up(nbytes, (int64_t)2 << 20), &mapped);
+    if (!p)
+      return fail("RuntimeError", "%s: cannot map a %lld-byte read buffer: %s", fn, (long long)nbytes,
+                  strerror(ERRNO));
+    unmap_buffer(stage, stage_mapped);
+    stage = p;
+    stage_bytes = (int64_t)mapped;
+    stage_mapped = mapped;
   }
   *out = stage;
   return 0;
