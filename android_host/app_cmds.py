@@ -24,14 +24,12 @@ def _say(msg: str) -> None:
     print(f"ripple compile: {msg}", file=sys.stderr, flush=True)
 
 
-def storage_rule(storage: str | None, queue_depth: int, layout: str,
-                 read_ahead: int = 2) -> tuple[int, int, str | None]:
+def storage_rule(storage: str | None, queue_depth: int, layout: str) -> tuple[int, int, str | None]:
     """(collapse gap, longest request, profile file) from a device profile: a gap is read
     through when that costs less than one more request at this queue depth; requests are cut
     where the table stops rewarding size, or for a layout with a whole copy, at the size that
-    reads layers' extents fastest with read_ahead + 1 of them queued together, as the runtime
-    reads them (runtime_py.storage_model). Without a profile, runs are read as they are, in
-    requests of REQUEST_BYTES."""
+    reads a layer's extent fastest (runtime_py.storage_model). Without a profile, runs are
+    read as they are, in requests of REQUEST_BYTES."""
     if storage is None:
         return 0, REQUEST_BYTES, None
     from ..layout.reader import open_layout
@@ -42,7 +40,7 @@ def storage_rule(storage: str | None, queue_depth: int, layout: str,
     path = Path(storage) if Path(storage).is_file() else DEVICES_DIR / f"{storage}.json"
     lay = open_layout(layout)
     copy = open_whole_copy(lay.path.parent, lay.manifest.source_hash)
-    request = extent_request_bytes(p, copy.layer_bytes, queue_depth, in_flight=read_ahead + 1) if copy is not None else \
+    request = extent_request_bytes(p, copy.layer_bytes, queue_depth) if copy is not None else \
         max(split_bytes(p, queue_depth), 4096)
     return int(gap_threshold_bytes(p, queue_depth)), int(request), str(path)
 
@@ -88,7 +86,7 @@ def compile_cmd(out: str, layout: str | None = None, model: str | None = None, t
         folder = Path(work) if work else Path("build") / "work" / Path(model).stem
         _say(f"running the offline steps for {model} in {folder}")
         layout = str(offline_steps(model, folder))
-    gap, request, storage_file = storage_rule(storage, queue_depth, layout, read_ahead)
+    gap, request, storage_file = storage_rule(storage, queue_depth, layout)
     info = build_app(layout, out, model=model, target=target, kv_dtype=kv_dtype, queue_depth=queue_depth,
                      read_ahead=read_ahead, budget_mb=budget_mb, collapse_gap_bytes=gap,
                      max_request_bytes=request, storage_file=storage_file, whole_layers=whole_layers,

@@ -112,7 +112,7 @@ def prepare_apps(model: str, cdir: Path, wanted: dict, source_hash: str, predict
             _link(Path(predictor), Path(r.layout_dir) / PREDICTOR_FILE)
         print(f"bench e2e: compiling the {name} APP into {out}", file=sys.stderr)
         # As `ripple compile --layout L --storage F` (app_cmds.compile_cmd), with the checkpoint given.
-        gap, request, storage_file = storage_rule(r.storage_file, queue_depth, r.layout_dir, read_ahead)
+        gap, request, storage_file = storage_rule(r.storage_file, queue_depth, r.layout_dir)
         build_app(r.layout_dir, str(out), model=model, kv_dtype=r.kv_dtype, queue_depth=queue_depth,
                   read_ahead=read_ahead, budget_mb=r.budget_mb, collapse_gap_bytes=gap, max_request_bytes=request,
                   storage_file=storage_file, whole_layers=r.whole_layers, sets=r.sets)

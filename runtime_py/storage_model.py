@@ -180,20 +180,15 @@ def split_bytes(p: StorageProfile, qd: int, tolerance: float = 0.05) -> int:
     return int(p.sizes[ok[0]])
 
 
-def extent_request_bytes(p: StorageProfile, extent_bytes: int, qd: int, align: int = 4096,
-                         in_flight: int = 1) -> int:
-    """The request size that reads extents of `extent_bytes` fastest by the table, `in_flight`
-    of them sharing the queue (the flash runtime reads whole layers `read_ahead` early, so
-    read_ahead + 1 layers' requests are queued together): larger requests cost less each, but
-    extents cut into few of them leave the queue nearly empty (one 1.66 MB layer in 1 MiB
-    requests is two requests in flight), and each request costs the reader CPU time, which a
-    phone's compute threads share (a smaller size must win clearly)."""
+def extent_request_bytes(p: StorageProfile, extent_bytes: int, qd: int, align: int = 4096) -> int:
+    """The request size that reads one extent of `extent_bytes` fastest by the table: larger
+    requests cost less each, but an extent cut into few of them leaves the queue nearly empty
+    (a 1.66 MB layer in 1 MiB requests is two requests in flight)."""
     best, best_s = align, float("inf")
-    k = max(int(in_flight), 1)
     for size in sorted({int(s) for s in p.sizes if s >= align} | {align}, reverse=True):
-        n = -(-int(extent_bytes) // size) * k
+        n = -(-int(extent_bytes) // size)
         t = float(service_s(p, np.full(n, float(size)), min(n, max(int(qd), 1))).sum())
-        if t < best_s * 0.98:
+        if t < best_s * 0.98:          # a smaller size must win clearly: more requests cost CPU
             best, best_s = size, t
     return best
 
