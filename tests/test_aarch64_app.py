@@ -21,7 +21,7 @@ from ripple.compile.errors import ToolchainError
 from ripple.tuning.profile import save_profile
 
 SYSROOT = Path("/usr/aarch64-linux-gnu")
-PROMPT = [2, 17, 99]
+PROMPT = [2, 17, 59]      # in both vocabularies (the GGUF has 96 ids)
 TOKENS = 8
 
 
@@ -44,17 +44,25 @@ def _missing() -> str | None:
 pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
 
 
-@pytest.fixture(scope="module")
-def apps(random_opt_dir, tmp_path_factory):
-    """One fp16 layout of a random OPT, compiled for the host and for linux-arm64."""
-    tmp = tmp_path_factory.mktemp("arm-app")
-    _, prof = profile_random_llama(random_opt_dir, 6, sparsity=0.5, grid=(0.0, 0.5))
-    save_profile(prof, tmp / "profile.npz")
-    pack_cmd(str(random_opt_dir), str(tmp / "layout"), str(tmp / "profile.npz"), dtype="fp16")
+@pytest.fixture(scope="module", params=["opt", "llama-gguf"])
+def apps(request, random_opt_dir, tmp_path_factory):
+    """One layout compiled for the host and for linux-arm64: a random OPT (ReLU, fp16 bundles,
+    sparse layers), or a small random Llama GGUF (SwiGLU, Q4_1 blocks, every layer read whole
+    from its whole copy)."""
+    tmp = tmp_path_factory.mktemp(f"arm-app-{request.param}")
+    if request.param == "opt":
+        _, prof = profile_random_llama(random_opt_dir, 6, sparsity=0.5, grid=(0.0, 0.5))
+        save_profile(prof, tmp / "profile.npz")
+        pack_cmd(str(random_opt_dir), str(tmp / "layout"), str(tmp / "profile.npz"), dtype="fp16")
+        model = str(random_opt_dir)
+    else:
+        from gguf_cases import write_llama_gguf
+        model = str(write_llama_gguf(tmp / "tiny.gguf"))
+        pack_cmd(model, str(tmp / "layout"), dtype="q4", whole_copy=True)
     out = {}
     for target in ("host", "linux-arm64"):
         out[target] = tmp / target
-        build_app(str(tmp / "layout"), str(out[target]), model=str(random_opt_dir), target=target)
+        build_app(str(tmp / "layout"), str(out[target]), model=model, target=target)
     return out
 
 
@@ -84,7 +92,16 @@ def test_the_aarch64_runner_decodes_under_qemu_what_the_host_runner_decodes(apps
     assert len(arm["ids"]) == TOKENS and arm["ids"] == host["ids"]
     print(f"ids host {host['ids']} qemu {arm['ids']}; ms/token host "
           f"{sum(host['token_ms']) / len(host['token_ms']):.2f} qemu {sum(arm['token_ms']) / len(arm['token_ms']):.2f}")
-    assert arm["bytes_read"] == host["bytes_read"]
+    info = json.loads((apps["host"] / "app.json").read_text())
+    if not info["layers"]["whole"]:
+        assert arm["bytes_read"] == host["bytes_read"]
+    else:
+        # Whole layers are read ahead, and a read counts for the token in which it finishes:
+        # qemu's slower compute moves reads across token boundaries. In all, they differ by at
+        # most the layers in flight at the end.
+        from ripple.compile.runtime_config import read_runtime_config
+        layer = read_runtime_config(apps["host"] / "runtime.bin").whole_layer_bytes
+        assert abs(sum(arm["bytes_read"]) - sum(host["bytes_read"])) <= info["io"]["read_ahead"] * layer
     # Not bit-identical: LLVM fuses and vectorizes differently for NEON than for AVX2.
     np.testing.assert_allclose(arm_logits, host_logits, rtol=0, atol=1e-4)
     print(f"max |logit difference| {np.abs(arm_logits - host_logits).max():.2e}")
