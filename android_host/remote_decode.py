@@ -28,14 +28,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..runtime_py.app_session import BUFFERS, BYTES_READ, IO_WAIT, O_DIRECT, PINNED, STATS
 from .bench_io import BenchError
 from .rpc import RemoteError, Session, open_session
 
-STATS = 16
-STEP_OUT = 2 + STATS
-# ripple.rt.stats slots (compile/native/flash_runtime.c), as runtime_py.app_session names them.
-IO_WAIT, READ_S, BYTES_READ, BYTES_NEEDED, READS, ACTIVE = range(6)
-PINNED, BUFFERS, O_DIRECT = 9, 10, 11
+STEP_OUT = 2 + STATS      # ripple.rt.step's out: seconds, the next id, then ripple.rt.stats
 
 
 def _tag(path: Path) -> str:
