@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of truly active neurons to predict, per layer (default 0.999)")
     p.add_argument("--epochs", type=_positive, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lookahead", type=_positive, metavar="J",
+                   help="also predict layer l+j's set from layer l's input, j = 1..J (lookahead.npz beside the "
+                        "predictor), and report each distance's held-out recall")
     p.add_argument("--json", help="also write the summary here")
     p.set_defaults(run=_run_train_predictor)
 
@@ -255,7 +258,7 @@ def _run_profile(args) -> None:
 def _run_train_predictor(args) -> None:
     from . import interface as api
     s = api.train_predictor_cmd(args.profile, args.out, args.model, args.sparsity, args.rank,
-                                args.recall, args.epochs, args.seed)
+                                args.recall, args.epochs, args.seed, args.lookahead or 0)
     if args.json:
         api.write_json(args.json, s)
     print(f"wrote {s['predictor']}: sparsity {s['sparsity']}, rank {s['rank']}, "
@@ -263,6 +266,13 @@ def _run_train_predictor(args) -> None:
     print(f"held-back calibration tokens: recall {min(s['val_recall_per_layer']):.3f}.."
           f"{max(s['val_recall_per_layer']):.3f}, precision {min(s['val_precision_per_layer']):.3f}.."
           f"{max(s['val_precision_per_layer']):.3f} over layers")
+    if "lookahead" in s:
+        la = s["lookahead"]
+        print(f"wrote {la['file']}; held-out ({la['heldout_tokens']} tokens), mean over target layers:")
+        print(f"{'distance':>9} {'recall':>8} {'min':>7} {'extra/active':>13} {'predicted':>10}")
+        for r in la["heldout"]:
+            print(f"{r['distance']:>9} {r['recall_mean']:8.4f} {r['recall_min']:7.4f} "
+                  f"{r['extra_over_active_mean']:13.3f} {r['predicted_share_mean']:10.4f}")
 
 
 def _run_pack(args) -> None:

@@ -245,10 +245,13 @@ def _torch_threads(n: int | None):
 
 
 def train_predictor_cmd(profile: str, out: str, model: str | None = None, sparsity: float | None = None,
-                        rank: int = 48, recall: float = 0.999, epochs: int = 20, seed: int = 0) -> dict:
+                        rank: int = 48, recall: float = 0.999, epochs: int = 20, seed: int = 0,
+                        lookahead: int = 0) -> dict:
     """Train per-layer activation predictors from a profile with recorded FFN inputs; `out` is
     a layout folder (written as DIR/predictor.npz, refused if packed from another checkpoint)
-    or a .npz file."""
+    or a .npz file. lookahead J > 0: also layer l+j's set from layer l's input for j = 1..J
+    (tuning.lookahead, written beside it as lookahead.npz), with each distance's held-out
+    recall and bytes predicted for nothing beside the same-layer predictor's."""
     from ..tuning.predictor import TrainConfig, cost, save_predictor, train_from_profile
     path = model or default_model_path()
     desc = load_model(path)
@@ -257,6 +260,9 @@ def train_predictor_cmd(profile: str, out: str, model: str | None = None, sparsi
     if p.source_hash != desc.source_hash:
         raise ProfileError(f"{profile}: profiled on another checkpoint than {path}; "
                            "profile this model first")
+    if lookahead and sparsity is not None and not np.isclose(sparsity, p.sparsity):
+        raise ProfileError(f"--lookahead trains at the profile's sparsity ({p.sparsity:g}), not {sparsity:g}; "
+                           f"profile at {sparsity:g} (`ripple profile --sparsity`)")
     if Path(out).is_dir():
         check_source(open_layout(out), desc.source_hash)
     cfg = TrainConfig(rank=rank, recall=recall, epochs=epochs, seed=seed)
@@ -264,12 +270,36 @@ def train_predictor_cmd(profile: str, out: str, model: str | None = None, sparsi
     dest = save_predictor(pred, out)
     c = cost(pred)
     layers = pred.meta["layers"]
-    return {"predictor": str(dest), "sparsity": pred.sparsity, "rank": pred.rank, "recall_target": recall,
-            "train_tokens": pred.meta["train_tokens"], "val_tokens": pred.meta["val_tokens"],
-            "dram_bytes": c.dram_bytes, "flops_per_token_per_layer": c.flops_per_token,
-            "flops_frac_of_dense_ffn": c.flops_frac,
-            "val_recall_per_layer": [round(x["val_recall"], 4) for x in layers],
-            "val_precision_per_layer": [round(x["val_precision"], 4) for x in layers]}
+    res = {"predictor": str(dest), "sparsity": pred.sparsity, "rank": pred.rank, "recall_target": recall,
+           "train_tokens": pred.meta["train_tokens"], "val_tokens": pred.meta["val_tokens"],
+           "dram_bytes": c.dram_bytes, "flops_per_token_per_layer": c.flops_per_token,
+           "flops_frac_of_dense_ffn": c.flops_frac,
+           "val_recall_per_layer": [round(x["val_recall"], 4) for x in layers],
+           "val_precision_per_layer": [round(x["val_precision"], 4) for x in layers]}
+    if lookahead:
+        res["lookahead"] = _train_lookahead(p, pred, cfg, lookahead, dest)
+    return res
+
+
+def _train_lookahead(p, pred, cfg, lookahead: int, dest: Path) -> dict:
+    from ..tuning.lookahead import LOOKAHEAD_FILE, heldout_rows, same_layer_row, save_lookahead, train_lookahead
+    la = train_lookahead(p, list(range(1, lookahead + 1)), cfg)
+    file = dest.with_name(LOOKAHEAD_FILE if dest.name == "predictor.npz" else f"{dest.stem}-{LOOKAHEAD_FILE}")
+    save_lookahead(la, file)
+    rows = [same_layer_row(pred, p)] + heldout_rows(la, p)
+    density = p.density("heldout")
+
+    def per_layer(v) -> list:
+        return [None if np.isnan(x) else round(float(x), 4) for x in v]
+    return {"file": str(file), "distances": la.distances, "heldout_tokens": int(p.masks_heldout.shape[1]),
+            "true_active_per_layer": per_layer(density),
+            "heldout": [{"distance": r.distance,
+                         "recall_mean": round(float(np.nanmean(r.recall)), 4),
+                         "recall_min": round(float(np.nanmin(r.recall)), 4),
+                         "extra_over_active_mean": round(float(np.nanmean(r.extra)), 4),
+                         "predicted_share_mean": round(float(np.nanmean(r.predicted)), 4),
+                         "recall_per_layer": per_layer(r.recall), "extra_per_layer": per_layer(r.extra),
+                         "predicted_share_per_layer": per_layer(r.predicted)} for r in rows]}
 
 
 def set_policy(layout, desc, sparsity: float, sets: str | None, predictor: str | None,
