@@ -116,7 +116,12 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
         step("writing params")
         params = write_params(tmp, spec, model_params(desc, spec, predictor))
         step("copying the flash files")
-        _place(layout.path, tmp / MODEL_FILE)
+        # The bundles go only where a layer reads them: with every layer read whole, the
+        # runtime never opens model.rflash (61 MB of SmolLM2's 163 MB APP). The manifest stays:
+        # it names the checkpoint, the dims and the placement the APP was built from.
+        reads_bundles = bool((mode == LAYER_SPARSE).any())
+        if reads_bundles:
+            _place(layout.path, tmp / MODEL_FILE)
         _place(layout.manifest_path, tmp / MANIFEST_FILE)
         if copy is not None:
             _place(copy.path, tmp / WHOLE_FILE)
@@ -124,7 +129,8 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
         pinned = _pinned_layers(mode, copy, budget_mb)
         gap, request = int(collapse_gap_bytes), int(max_request_bytes)
         cfg = RuntimeConfig(
-            bundles_file=MODEL_FILE, whole_file=WHOLE_FILE if copy is not None else None, n_layers=L,
+            bundles_file=MODEL_FILE if reads_bundles else None, whole_file=WHOLE_FILE if copy is not None else None,
+            n_layers=L,
             n=desc.d_ffn, bundle_bytes=layout.bundle_bytes, alignment=layout.alignment,
             view_dtype=VIEW_DTYPE[layout.spec.dtype], region_offsets=np.asarray(layout.region_offsets, np.int64),
             slot_of=np.asarray(layout.slot_of, np.int32),
@@ -137,6 +143,8 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
         if verify:
             cfg.verify = True
             cfg.bundle_crc32, cfg.whole_crc32 = block_crc_tables(layout, copy)
+            if not reads_bundles:
+                cfg.bundle_crc32 = np.zeros(0, np.uint32)
         write_runtime_config(tmp / CONFIG_FILE, cfg)
         step("building the native runtime and runner")
         files = _natives(target, tmp)

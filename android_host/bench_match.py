@@ -67,9 +67,10 @@ def reference_model(info: dict, app: Path):
         for i, lw in enumerate(desc.layers):
             for name in ("wq", "wk", "wv", "wo"):
                 tm.layers[i][name] = as_q8(getattr(lw, name))
-    layout = open_layout(app)
-    raw = np.fromfile(layout.path, np.uint8)
-    for i in info["layers"]["sparse"]:
+    sparse = info["layers"]["sparse"]
+    layout = open_layout(app) if sparse else None      # no bundles file without a sparse layer
+    raw = np.fromfile(layout.path, np.uint8) if sparse else None
+    for i in sparse:
         at = int(layout.region_offsets[i])
         rows = raw[at:at + layout.d_ffn * layout.bundle_bytes].reshape(layout.d_ffn, -1)[layout.slot_of[i]]
         b = decode_bundles(layout.spec, rows)

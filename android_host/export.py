@@ -15,6 +15,8 @@ from pathlib import Path
 from ..compile.app_files import APP_FILE, AppError, load_app_json
 from ..compile.elf import GLIBC_ONLY, read_elf
 from ..compile.targets import runs_here
+from ..layout.header import MODEL_FILE
+from ..layout.manifest import MANIFEST_FILE, read_manifest
 from ..layout.reader import open_layout
 from ..layout.whole_copy import open_whole_copy, verify_whole_copy
 from .app_cmds import compile_cmd
@@ -53,13 +55,17 @@ def validate_export(out_dir: str | os.PathLike) -> dict:
     lib = out / info["library"]
     if hashlib.sha256(lib.read_bytes()).hexdigest() != info["files"][info["library"]]["sha256"]:
         raise ExportError(f"{lib}: does not match its sha256 in {APP_FILE}; export again")
-    layout = open_layout(out, verify=True)
-    copy = open_whole_copy(out, layout.manifest.source_hash)
+    # An APP whose layers are all read whole ships no model.rflash (app_build): its manifest
+    # still names the checkpoint the whole copy must come from.
+    bundles = (out / MODEL_FILE).is_file()
+    source_hash = (open_layout(out, verify=True).manifest if bundles else
+                   read_manifest(out / MANIFEST_FILE)).source_hash
+    copy = open_whole_copy(out, source_hash)
     if copy is not None:
         verify_whole_copy(copy)
     result = {"out": str(out), "target": target, "files": sorted(info["files"]),
               "total_bytes": info["total_bytes"], "machine": read_elf(lib).machine,
-              "needed": list(read_elf(lib).needed), "layout_verified": True,
+              "needed": list(read_elf(lib).needed), "layout_verified": bundles,
               "whole_copy_verified": copy is not None, "sets": info["sets"], "layers": info["layers"]}
     if runs_here(target):
         from ..runtime_py.app_session import AppSession

@@ -54,7 +54,7 @@ def upload_app(s: Session, app: Path, info: dict, progress=None) -> dict:
     cfg = read_runtime_config(app / info["runtime_config"])
     names = {}
     for key, local in (("runtime", app / info["runtime_library"]), ("model", app / info["library"]),
-                       ("bundles", app / cfg.bundles_file),
+                       ("bundles", app / cfg.bundles_file if cfg.bundles_file else None),
                        ("whole", app / cfg.whole_file if cfg.whole_file else None)):
         if local is None:
             continue
@@ -65,7 +65,7 @@ def upload_app(s: Session, app: Path, info: dict, progress=None) -> dict:
             progress(f"upload {local.name} ({local.stat().st_size / 1e6:.1f} MB) as {names[key]}")
         s.upload(local, names[key])
     paths = {k: s.workpath(v) for k, v in names.items()}
-    cfg = dataclasses.replace(cfg, bundles_file=paths["bundles"], whole_file=paths.get("whole"))
+    cfg = dataclasses.replace(cfg, bundles_file=paths.get("bundles"), whole_file=paths.get("whole"))
     with tempfile.TemporaryDirectory(prefix="ripple-rpc-") as tmp:
         local_cfg = Path(tmp) / "runtime.bin"
         write_runtime_config(local_cfg, cfg)

@@ -6,7 +6,8 @@ APP/
   libripple_runtime.so   the native flash runtime the model calls (compile/native)
   runtime.bin            its config (compile.runtime_config)
   params.bin             the non-FFN weights (GGUF blocks), norms, the predictor (compile.app_params)
-  model.rflash, manifest.json [, whole.rflash, whole.json]   the flash files, as packed
+  [model.rflash,] manifest.json [, whole.rflash, whole.json]   the flash files, as packed
+                         (model.rflash only when a layer is sparse: nothing else reads it)
   tokenizer.json         the tokenizer (an app brings a tokenizer library to use it)
   storage.json           the device profile the reads were planned with, when one was given
   ripple-run             the native runner (host), with the TVM runtime libraries beside it

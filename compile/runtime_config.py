@@ -60,7 +60,8 @@ def _no_crcs() -> np.ndarray:
 
 @dataclass(eq=False)
 class RuntimeConfig:
-    bundles_file: str                 # e.g. "model.rflash", relative to the config's folder
+    bundles_file: str | None          # e.g. "model.rflash", relative to the config's folder; None
+                                      # when no layer is sparse (nothing reads bundles)
     whole_file: str | None            # e.g. "whole.rflash"; None when there is no whole copy
     n_layers: int
     n: int                            # neurons per layer
@@ -133,7 +134,7 @@ def write_runtime_config(path: str | os.PathLike, cfg: RuntimeConfig) -> None:
     """Write `cfg` to `path`, whole or not at all."""
     a = _arrays(cfg)
     pins = [np.asarray(p, "<i4").reshape(-1) for p in cfg.pinned_bundles]
-    names = cfg.bundles_file.encode(), (cfg.whole_file or "").encode()
+    names = (cfg.bundles_file or "").encode(), (cfg.whole_file or "").encode()
     pad = -(len(names[0]) + len(names[1])) % 8
     body = [names[0], names[1], b"\0" * pad, a["region_offsets"].tobytes(), a["whole_offsets"].tobytes(),
             np.array([len(p) for p in pins], "<i8").tobytes(), a["logit_thresholds"].tobytes(),
@@ -174,7 +175,7 @@ def read_runtime_config(path: str | os.PathLike) -> RuntimeConfig:
         at += a.nbytes
         return a.copy()
 
-    bundles_file = raw[at:at + s1].decode()
+    bundles_file = raw[at:at + s1].decode() or None
     whole_file = raw[at + s1:at + s1 + s2].decode() or None
     at += s1 + s2 + (-(s1 + s2) % 8)
     region, whole, counts = take("<i8", L), take("<i8", L), take("<i8", L)

@@ -180,6 +180,20 @@ def test_whole_returns_each_layers_extent_token_after_token(rt, layout, read_ahe
     assert s[BUFFERS] == N * layout.bundle_bytes + region + (read_ahead + 1) * WHOLE_BYTES  # gather, stage
 
 
+def test_a_config_of_whole_layers_only_needs_no_bundles_file(rt, layout, tmp_path):
+    """An APP whose layers are all read whole ships no model.rflash: the runtime opens none,
+    and refuses a config that names none while a layer would read bundles."""
+    import shutil
+    shutil.copy(layout.path.parent / "whole.rflash", tmp_path / "whole.rflash")
+    whole = np.fromfile(tmp_path / "whole.rflash", np.uint8).reshape(L, WHOLE_BYTES)
+    rt["open"](config(layout, folder=tmp_path, bundles_file=None, layer_mode=np.ones(L, np.int8)))
+    for layer in range(L):
+        assert np.array_equal(np.from_dlpack(rt["whole"](layer)), whole[layer])
+    rt["close"]()
+    with pytest.raises(ValueError, match=r"names no bundles file, but layer 0 reads bundles; compile the APP again"):
+        rt["open"](config(layout, folder=tmp_path, name="sparse.cfg", bundles_file=None))
+
+
 def test_whole_out_of_order_restarts_the_read_ahead_at_the_asked_layer(rt, layout):
     whole = np.fromfile(layout.path.parent / "whole.rflash", np.uint8).reshape(L, WHOLE_BYTES)
     rt["open"](config(layout, layer_mode=np.ones(L, np.int8), read_ahead=2))

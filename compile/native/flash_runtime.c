@@ -461,7 +461,12 @@ static int open_runtime(const char* fn, const char* path) {
   if (rt_config_read(fn, path, c) != 0) return -1;
   crc_init();
   const int64_t L = c->n_layers, n = c->n, bb = c->bundle_bytes;
-  if (open_flash(fn, c->bundles_path, (int)c->o_direct, &rt.bfd) != 0) return -1;
+  /* a config with no sparse layer may name no bundles file: nothing would read it */
+  for (int64_t l = 0; l < L && !c->bundles_path[0]; ++l)
+    if (c->layer_mode[l] == 0 || c->pinned_counts[l] > 0)
+      return fail("ValueError", "%s: %s names no bundles file, but layer %lld reads bundles; compile the "
+                  "APP again", fn, path, (long long)l);
+  if (c->bundles_path[0] && open_flash(fn, c->bundles_path, (int)c->o_direct, &rt.bfd) != 0) return -1;
   if (c->whole_path[0] && open_flash(fn, c->whole_path, (int)c->o_direct, &rt.wfd) != 0) return -1;
   for (int64_t l = 0; l < L; ++l) {
     if (c->layer_mode[l] == 0 &&

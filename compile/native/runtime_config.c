@@ -125,7 +125,7 @@ int rt_config_read(const char* fn, const char* path, rt_config_t* c) {
   if (gap < 0 || gap > ((int64_t)1 << 40) || maxreq < 0 || maxreq > ((int64_t)1 << 40) || maxreq % align)
     BAD("%s: %s: collapse_gap_bytes %lld must be >= 0 and max_request_bytes %lld 0 (no limit) or a "
         "multiple of the alignment %lld", fn, path, (long long)gap, (long long)maxreq, (long long)align);
-  if (s1 < 1 || s1 >= PATH_CAP || s2 < 0 || s2 >= PATH_CAP || P < 0 || P > L * n)
+  if (s1 < 0 || s1 >= PATH_CAP || s1 + s2 == 0 || s2 < 0 || s2 >= PATH_CAP || P < 0 || P > L * n)
     BAD("%s: %s: file name lengths %lld, %lld or pinned bundle count %lld out of range", fn, path,
         (long long)s1, (long long)s2, (long long)P);
   if ((verify != 0 && verify != 1) || B < 0 || B > RT_MAX_FILE_BYTES / 4 || W < 0 ||
@@ -137,7 +137,8 @@ int rt_config_read(const char* fn, const char* path, rt_config_t* c) {
   if (want != size)
     BAD("%s: %s: %lld bytes, the header's sizes need %lld; write it again", fn, path,
         (long long)size, (long long)want);
-  if (resolve(fn, path, b + RT_HEADER_BYTES, s1, c->bundles_path, "bundles file") != 0) goto bad;
+  if (s1 > 0 && resolve(fn, path, b + RT_HEADER_BYTES, s1, c->bundles_path, "bundles file") != 0)
+    goto bad;
   if (s2 > 0 && resolve(fn, path, b + RT_HEADER_BYTES + s1, s2, c->whole_path, "whole-copy file") != 0)
     goto bad;
   c->region_offsets = (const int64_t*)(b + at);

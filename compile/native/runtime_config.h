@@ -17,7 +17,7 @@ enum { RT_UINT8 = 0, RT_INT8 = 1, RT_FLOAT16 = 2 };   /* view_dtype */
 
 typedef struct {
   char* blob;                   /* the file's bytes: the arrays below point into it */
-  char bundles_path[PATH_CAP];  /* resolved against the config's folder */
+  char bundles_path[PATH_CAP];  /* resolved against the config's folder; "" when no layer is sparse */
   char whole_path[PATH_CAP];    /* "" when the layout has no whole copy */
   int64_t n_layers, n, bundle_bytes, alignment, view_dtype, whole_layer_bytes, sets_all,
       queue_depth, read_ahead, collapse_gap_bytes, max_request_bytes, o_direct, pinned_total,
