@@ -56,6 +56,12 @@ class DistanceRow:
     predicted: np.ndarray       # (L,) predicted neurons / d_ffn
 
 
+def _mask(packed: np.ndarray, layer: int, n: int) -> np.ndarray:
+    """(tokens, n) bool of one layer: unpacked alone (all layers of a long profile at once
+    would be L x tokens x n bytes)."""
+    return np.unpackbits(packed[layer], axis=-1, count=n).astype(bool)
+
+
 def _fit(x, y, n_val, cfg):
     fit = fit_layer(x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:], cfg)
     lv = _logits(torch.from_numpy(x[-n_val:]), *map(_f32, (fit.a, fit.a_bias, fit.b, fit.b_bias)))
@@ -66,9 +72,8 @@ def train_lookahead(profile, distances: list[int], cfg: TrainConfig) -> Lookahea
     """Predictors for each distance in `distances` and each target layer that has a source
     layer, from a profile with recorded FFN inputs, at the profile's sparsity."""
     x_all = profile.inputs("calib")
-    masks = profile.masks("calib")
     L, N, d = x_all.shape
-    n = masks.shape[-1]
+    n = profile.d_ffn
     if not distances or min(distances) < 1 or max(distances) >= L:
         raise PredictorError(f"lookahead distances {distances}: each must lie in 1..{L - 1} (layers ahead)")
     n_val = max(1, int(round(N * cfg.val_frac)))
@@ -83,7 +88,7 @@ def train_lookahead(profile, distances: list[int], cfg: TrainConfig) -> Lookahea
     pairs = [(k, t) for k, j in enumerate(distances) for t in range(j, L)]
     for k, t in tqdm(pairs, desc="lookahead predictors", unit="layer"):
         j = distances[k]
-        fit, thr = _fit(np.asarray(x_all[t - j], np.float32), masks[t], n_val, cfg)
+        fit, thr = _fit(np.asarray(x_all[t - j], np.float32), _mask(profile.masks_calib, t, n), n_val, cfg)
         out.a[k, t], out.a_bias[k, t], out.b[k, t], out.b_bias[k, t] = fit.a, fit.a_bias, fit.b, fit.b_bias
         out.thresholds[k, t] = thr
     out.meta = {"train_tokens": int(N - n_val), "val_tokens": int(n_val),
@@ -99,14 +104,14 @@ def predicted(la: Lookahead, k: int, target: int, h: np.ndarray) -> np.ndarray:
     return (lv > float(la.thresholds[k, target])).numpy()
 
 
-def _row(j: int, pred_of, truth: np.ndarray) -> DistanceRow:
-    L = truth.shape[0]
+def _row(j: int, pred_of, profile) -> DistanceRow:
+    L = profile.masks_heldout.shape[0]
     rec, extra, share = (np.full(L, np.nan) for _ in range(3))
     for t in range(j, L):
-        p = pred_of(t)
-        act = max(int(truth[t].sum()), 1)
-        rec[t] = (p & truth[t]).sum() / act
-        extra[t] = (p & ~truth[t]).sum() / act
+        p, truth = pred_of(t), _mask(profile.masks_heldout, t, profile.d_ffn)
+        act = max(int(truth.sum()), 1)
+        rec[t] = (p & truth).sum() / act
+        extra[t] = (p & ~truth).sum() / act
         share[t] = p.mean()
     return DistanceRow(j, rec, extra, share)
 
@@ -114,14 +119,13 @@ def _row(j: int, pred_of, truth: np.ndarray) -> DistanceRow:
 def same_layer_row(pred: Predictor, profile) -> DistanceRow:
     """The same-layer predictor's held-out row (distance 0)."""
     masks = predicted_masks(pred, profile.inputs("heldout"))
-    return _row(0, lambda t: masks[t], profile.masks("heldout"))
+    return _row(0, lambda t: masks[t], profile)
 
 
 def heldout_rows(la: Lookahead, profile) -> list[DistanceRow]:
     """Each distance's recall, extra and predicted share per target layer, on held-out tokens."""
     x = profile.inputs("heldout")
-    truth = profile.masks("heldout")
-    return [_row(j, lambda t, k=k, j=j: predicted(la, k, t, x[t - j]), truth)
+    return [_row(j, lambda t, k=k, j=j: predicted(la, k, t, x[t - j]), profile)
             for k, j in enumerate(la.distances)]
 
 
