@@ -129,9 +129,9 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
         pinned = _pinned_layers(mode, copy, budget_mb)
         gap, request = int(collapse_gap_bytes), int(max_request_bytes)
         cfg = RuntimeConfig(
-            bundles_file=MODEL_FILE if reads_bundles else None, whole_file=WHOLE_FILE if copy is not None else None,
-            n_layers=L,
-            n=desc.d_ffn, bundle_bytes=layout.bundle_bytes, alignment=layout.alignment,
+            bundles_file=MODEL_FILE if reads_bundles else None,
+            whole_file=WHOLE_FILE if copy is not None else None, n_layers=L, n=desc.d_ffn,
+            bundle_bytes=layout.bundle_bytes, alignment=layout.alignment,
             view_dtype=VIEW_DTYPE[layout.spec.dtype], region_offsets=np.asarray(layout.region_offsets, np.int64),
             slot_of=np.asarray(layout.slot_of, np.int32),
             whole_offsets=np.asarray(copy.offsets if copy is not None else np.zeros(L), np.int64),
@@ -244,9 +244,10 @@ def _pos_offset(desc) -> int:
 
 def _pinned_layers(mode: np.ndarray, copy, budget_mb: float) -> np.ndarray:
     """The whole layers whose copies fit the DRAM budget, spread evenly over the whole layers
-    (the last one pinned only when nearly all are). The runtime reads `read_ahead` layers early; while a pinned layer
-    computes, the disk works off that lead. The last k layers pinned together (as before) made
-    one long stretch, with the LM head, in which the lead ran out and the disk idled:
+    (the last one pinned only when nearly all are). The runtime reads `read_ahead` layers
+    early; while a pinned layer computes, the disk works off that lead. The last k layers
+    pinned together (as before) made one long stretch, with the LM head, in which the lead ran
+    out and the disk idled:
     ripple-run on SmolLM2 with 3 layers pinned took ~1 ms a token less with them at 7, 15, 22
     than at 27, 28, 29 (runs alternating both, in the disk's fast phases; docs/results.md)."""
     pinned = np.zeros(len(mode), bool)
