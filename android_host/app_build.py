@@ -31,8 +31,8 @@ from ..compile.app_params import write_params
 from ..compile.build import knobs_for
 from ..compile.elf import read_elf
 from ..compile.ffn import VIEW_DTYPE
-from ..compile.model_graph import (FETCH, FUNCTIONS, LAYER_SPARSE, LAYER_WHOLE, WHOLE, DecodeSpec, WholeParts,
-                                   decode_module)
+from ..compile.model_graph import (FETCH, FUNCTIONS, LAYER_SPARSE, LAYER_WHOLE, PREFETCH, WHOLE, DecodeSpec,
+                                   WholeParts, decode_module)
 from ..compile.runtime_config import RuntimeConfig, block_crc_tables, write_runtime_config
 from ..compile.targets import export_library, make_target, target_dict
 from ..layout.header import MODEL_FILE
@@ -51,14 +51,16 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
               budget_mb: float = 0.0, collapse_gap_bytes: int = 0, max_request_bytes: int = REQUEST_BYTES,
               storage_file: str | None = None, whole_layers: str = "auto",
               sets: str | None = None, sparsity: float | None = None, o_direct: bool = True,
-              verify: bool = False, progress=None) -> dict:
+              verify: bool = False, lookahead: int = 0, progress=None) -> dict:
     """Write APP/ (see the module) for `target`; returns app.json's contents.
     budget_mb: DRAM for whole layers of the whole copy, read once at open (the last layers
     that fit); collapse_gap_bytes, max_request_bytes: the planner's rule, from the device
     profile storage_file (copied into the APP; android_host.interface derives both from its
     latency table); sets:
     "predicted" (default when the layout has predictor.npz) or "all" (every bundle of a
-    sparse layer read, the kernel keeping the neurons whose score clears the threshold)."""
+    sparse layer read, the kernel keeping the neurons whose score clears the threshold);
+    lookahead J > 0: each sparse layer t's reads issued at layer t - min(J, t)'s FFN input, by
+    the lookahead predictors beside the predictor (`ripple train-predictor --lookahead`)."""
     from ..tuning.checkpoint import load_model
     from ..layout.reader import check_source
     target_dict(target)
@@ -84,6 +86,7 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
     meta = layout.manifest.meta
     thresholds = _thresholds(meta, L, sparsity, layout_dir)
     predictor = _predictor(layout, desc, sets, thresholds, meta) if (mode == LAYER_SPARSE).any() else None
+    la, distance = _lookahead(layout, predictor, mode, lookahead)
     kinds = matrix_kinds(desc)
     knobs, tuned = knobs_for(layout.spec, target)
     if (mode == LAYER_SPARSE).any() and not tuned:
@@ -102,7 +105,9 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
             (p.name, p.kind, p.shape[0], p.shape[1], p.at) for p in copy.parts)),
         bundle=layout.spec, knobs=knobs, keep=meta.get("criterion", "coef"),
         score_thresholds=tuple(float(t) for t in thresholds),
-        predictor_rank=0 if predictor is None else int(predictor.rank))
+        predictor_rank=0 if predictor is None else int(predictor.rank),
+        lookahead=tuple(int(j) for j in distance) if la is not None else (),
+        lookahead_rank=int(la.a.shape[-1]) if la is not None else 0)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -114,7 +119,7 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
         linker = export_library(tvm.compile(decode_module(spec), target=make_target(target)), tmp / LIBRARY, target)
         compile_s = time.perf_counter() - t0
         step("writing params")
-        params = write_params(tmp, spec, model_params(desc, spec, predictor))
+        params = write_params(tmp, spec, model_params(desc, spec, predictor, la))
         step("copying the flash files")
         # The bundles go only where a layer reads them: with every layer read whole, the
         # runtime never opens model.rflash (61 MB of SmolLM2's 163 MB APP). The manifest stays:
@@ -139,7 +144,9 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
             logit_thresholds=np.asarray(predictor.thresholds if predictor is not None else np.zeros(L), np.float32),
             pinned_layers=pinned, pinned_bundles=[np.zeros(0, np.int32) for _ in range(L)],
             sets_all=predictor is None, queue_depth=queue_depth, read_ahead=read_ahead,
-            collapse_gap_bytes=gap, max_request_bytes=request, o_direct=o_direct)
+            collapse_gap_bytes=gap, max_request_bytes=request, o_direct=o_direct,
+            lookahead=int(distance.max()) if la is not None else 0,
+            la_thresholds=_la_thresholds(la, distance) if la is not None else None)
         if verify:
             cfg.verify = True
             cfg.bundle_crc32, cfg.whole_crc32 = block_crc_tables(layout, copy)
@@ -169,13 +176,16 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
                 "returns": f"logits: (1, {desc.vocab_size}) float32, the last token's"} for f in FUNCTIONS},
             "flash_runtime": {
                 "calls": {WHOLE: "(layer) -> the layer's whole-copy extent, uint8, read ahead",
-                          FETCH: "(layer, logits (n, d_ffn) f32) -> the predicted neurons' bundles (k, cols)"},
-                "open": "ripple.rt.open(runtime.bin path)", "stats": "ripple.rt.stats(out float64 (16,))",
+                          FETCH: "(layer, logits (n, d_ffn) f32) -> the predicted neurons' bundles (k, cols)",
+                          PREFETCH: "(layer, lookahead logits (n, d_ffn) f32) -> requests queued"},
+                "open": "ripple.rt.open(runtime.bin path)", "stats": "ripple.rt.stats(out float64 (24,))",
                 "close": "ripple.rt.close()"},
             "layers": {"whole": [int(i) for i in np.flatnonzero(mode == LAYER_WHOLE)],
                        "sparse": [int(i) for i in np.flatnonzero(mode == LAYER_SPARSE)],
                        "pinned_whole": [int(i) for i in np.flatnonzero(pinned)]},
             # none: no sparse layer, every layer read whole from the whole copy
+            # layer t's reads issued at layer t - lookahead[t]'s FFN input (0: at its own)
+            "lookahead": [int(j) for j in distance] if la is not None else None,
             "sets": "none" if not (mode == LAYER_SPARSE).any() else "all" if predictor is None else "predicted",
             "sparsity": float(meta.get("sparsity", 0.0)), "criterion": spec.keep,
             "score_thresholds": list(spec.score_thresholds),
@@ -235,6 +245,40 @@ def _predictor(layout, desc, sets: str | None, thresholds: np.ndarray, meta: dic
         raise AppError(f"{where} was trained for sparsity {pred.sparsity:g}, the layout compiles at "
                        f"{meta.get('sparsity')}; train it again or pass --sparsity {pred.sparsity:g}")
     return pred
+
+
+def _lookahead(layout, predictor, mode: np.ndarray, J: int):
+    """(tuning.lookahead.Lookahead, (L,) distance a sparse layer is prefetched from), or (None,
+    None) with J 0. Layer t goes min(J, t) layers ahead: layer 0 has no layer before it."""
+    if not J:
+        return None, None
+    from ..tuning.lookahead import LOOKAHEAD_FILE, load_lookahead
+    where = layout.path.parent / LOOKAHEAD_FILE
+    if predictor is None:
+        raise AppError("--lookahead needs predicted sets of sparse layers: a layout with predictor.npz, "
+                       "--sets predicted and a layer read sparse (--whole-layers none)")
+    if not where.is_file():
+        raise AppError(f"{where}: no lookahead predictors; run `ripple train-predictor --out "
+                       f"{layout.path.parent} --lookahead {J}`")
+    la = load_lookahead(where)
+    if la.source_hash != predictor.source_hash or not np.isclose(la.sparsity, predictor.sparsity):
+        raise AppError(f"{where} was trained on another profile than predictor.npz (checkpoint or sparsity); "
+                       f"train both again with `ripple train-predictor --lookahead {J}`")
+    L = len(mode)
+    distance = np.array([min(J, t) if mode[t] == LAYER_SPARSE else 0 for t in range(L)], np.int64)
+    missing = sorted(set(distance[distance > 0].tolist()) - set(la.distances))
+    if missing:
+        raise AppError(f"{where} predicts {la.distances} layers ahead, --lookahead {J} needs {missing}; "
+                       f"train it with `ripple train-predictor --lookahead {J}`")
+    return la, distance
+
+
+def _la_thresholds(la, distance: np.ndarray) -> np.ndarray:
+    out = np.full(len(distance), np.inf, np.float32)
+    for t, j in enumerate(distance):
+        if j:
+            out[t] = la.thresholds[la.distances.index(int(j)), t]
+    return out
 
 
 def _pos_offset(desc) -> int:

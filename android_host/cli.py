@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buffered", action="store_true", help="read through the page cache (not flash timing)")
     p.add_argument("--verify", action="store_true",
                    help="the runtime checks every block it reads against its CRC from `ripple pack` (CPU per byte read)")
+    p.add_argument("--lookahead", type=_count, default=0, metavar="J",
+                   help="issue each sparse layer's reads J layers early, predicted by lookahead.npz beside the "
+                        "predictor (`ripple train-predictor --lookahead J`); its own set's misses read on demand")
     p.set_defaults(run=_run_compile)
 
     p = sub.add_parser("generate", help="generate text with every FFN weight read from flash")
@@ -295,7 +298,8 @@ def _run_compile(args) -> None:
     from .app_cmds import compile_cmd
     print(json.dumps(compile_cmd(args.out, args.layout, args.model, args.target, args.work, args.kv_dtype,
                                  args.queue_depth, args.read_ahead, args.budget_mb, args.storage,
-                                 args.whole_layers, args.sets, not args.buffered, args.verify), indent=1))
+                                 args.whole_layers, args.sets, not args.buffered, args.verify, args.lookahead),
+                     indent=1))
 
 
 def _run_generate(args) -> None:

@@ -44,9 +44,10 @@ def _stored(desc):
     return non_ffn_blocks(desc.source)
 
 
-def model_params(desc, spec: DecodeSpec, predictor=None) -> dict[str, np.ndarray]:
+def model_params(desc, spec: DecodeSpec, predictor=None, lookahead=None) -> dict[str, np.ndarray]:
     """Every tensor param_layout(spec) names, from desc (a tuning.model.ModelDesc with its
-    weights) and, for sparse layers, the predictor (tuning.predictor.Predictor)."""
+    weights) and, for sparse layers, the predictor (tuning.predictor.Predictor) and the
+    lookahead predictors of the distances spec.lookahead names (tuning.lookahead.Lookahead)."""
     kinds = (spec.embed_kind, spec.qkv_kind, spec.o_kind, spec.lm_head_kind)
     stored = _stored(desc) if any(k not in (None, Q8) for k in kinds) or _is_gguf(desc) else None
 
@@ -87,6 +88,10 @@ def model_params(desc, spec: DecodeSpec, predictor=None) -> dict[str, np.ndarray
             f16 = lambda a: np.ascontiguousarray(a, np.float16)  # noqa: E731
             out[f"l{i}.pred_a"], out[f"l{i}.pred_a_bias"] = f16(predictor.a[i]), f16(predictor.a_bias[i])
             out[f"l{i}.pred_b"], out[f"l{i}.pred_b_bias"] = f16(predictor.b[i]), f16(predictor.b_bias[i])
+        if spec.lookahead and spec.lookahead[i]:
+            k = lookahead.distances.index(spec.lookahead[i])
+            for name in ("a", "a_bias", "b", "b_bias"):
+                out[f"l{i}.la_{name}"] = np.ascontiguousarray(getattr(lookahead, name)[k, i], np.float16)
     out["final_norm"] = f32(desc.final_norm)
     if spec.norm == "layer":
         out["final_norm_b"] = f32(desc.final_norm_b)

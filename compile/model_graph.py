@@ -18,6 +18,11 @@ in place), the output GEMV, norm, then the FFN through the native flash runtime
                        ripple.rt.fetch(layer, logits), the bundles of the predicted neurons
                        (cache, plan, O_DIRECT reads in the runtime); the sparse kernel keeps the
                        read neurons whose own score clears the layer's threshold (compile.ffn).
+  lookahead (DecodeSpec.lookahead[t] = j > 0): once layer t - j's FFN input is known, layer t's
+                       set is predicted from it (tuning.lookahead) and ripple.rt.prefetch(t,
+                       logits) queues its reads, which run while layers t-j..t-1 compute; layer
+                       t's fetch takes them and reads the rest of its own set on demand, so the
+                       neurons computed are the same-layer predictor's.
 Which layers are read whole is decided at compile time (android_host.app_build) and is the same for the
 graph and the runtime's config. Python does not sit between layers: the VM runs the step.
 """
@@ -35,7 +40,7 @@ from .ffn import VIEW_DTYPE, buffer_cols, sparse_ffn
 from .qgemv import qgemm, qgemv, row_bytes, schedule_qgemv
 from .schedule import DEFAULT, Knobs, schedule_sparse
 
-WHOLE, FETCH = "ripple.rt.whole", "ripple.rt.fetch"
+WHOLE, FETCH, PREFETCH = "ripple.rt.whole", "ripple.rt.fetch", "ripple.rt.prefetch"
 FUNCTIONS = ("prefill", "decode")
 LAYER_WHOLE, LAYER_SPARSE = 1, 0
 
@@ -77,6 +82,8 @@ class DecodeSpec:
     keep: str = "coef"              # the sparse kernel's criterion (compile.ffn keep=)
     score_thresholds: tuple[float, ...] = ()
     predictor_rank: int = 0         # 0: no predictor, the runtime fetches every bundle
+    lookahead: tuple[int, ...] = ()  # per layer: prefetched from this many layers before (0: not)
+    lookahead_rank: int = 0
 
     @property
     def kv_dim(self) -> int:
@@ -89,6 +96,10 @@ class DecodeSpec:
     @property
     def sparse_layers(self) -> list[int]:
         return [i for i, m in enumerate(self.layer_mode) if m == LAYER_SPARSE]
+
+    def prefetched_from(self, source: int) -> list[int]:
+        """The layers whose sets are predicted, and reads issued, at layer `source`'s FFN input."""
+        return [t for t, j in enumerate(self.lookahead) if j and t - j == source]
 
 
 def param_layout(s: DecodeSpec) -> list[tuple[str, tuple[int, ...], str]]:
@@ -121,6 +132,10 @@ def param_layout(s: DecodeSpec) -> list[tuple[str, tuple[int, ...], str]]:
             r, n = s.predictor_rank, s.d_ffn
             out += [(f"l{i}.pred_a", (d, r), "float16"), (f"l{i}.pred_a_bias", (r,), "float16"),
                     (f"l{i}.pred_b", (r, n), "float16"), (f"l{i}.pred_b_bias", (n,), "float16")]
+        if s.lookahead and s.lookahead[i]:
+            r, n = s.lookahead_rank, s.d_ffn
+            out += [(f"l{i}.la_a", (d, r), "float16"), (f"l{i}.la_a_bias", (r,), "float16"),
+                    (f"l{i}.la_b", (r, n), "float16"), (f"l{i}.la_b_bias", (n,), "float16")]
     out.append(("final_norm", (d,), "float32"))
     if s.norm == "layer":
         out.append(("final_norm_b", (d,), "float32"))
@@ -156,6 +171,10 @@ class _Kernels:
 
 def decode_module(s: DecodeSpec) -> tvm.IRModule:
     """The Relax module of prefill and decode for spec s (see the module docstring)."""
+    if s.lookahead and (len(s.lookahead) != s.n_layers or not s.lookahead_rank or any(
+            j and (j > t or s.layer_mode[t] != LAYER_SPARSE) for t, j in enumerate(s.lookahead))):
+        raise ValueError("lookahead: one distance per layer, > 0 only for sparse layers and at most the "
+                         "layer's index, with a predictor rank")
     if s.whole is None and LAYER_WHOLE in s.layer_mode:
         raise ValueError("layers read whole need the layout's whole copy (ripple pack --whole-copy)")
     if s.bundle is None and LAYER_SPARSE in s.layer_mode:
@@ -217,6 +236,8 @@ def _step_function(bb, kern, s: DecodeSpec, fname: str, names, ptypes) -> None:
                      P.get(f"l{i}.bo"))
             x = bb.emit(relax.op.add(x, o))
             h = normed(x, P[f"l{i}.ffn_norm"], P.get(f"l{i}.ffn_norm_b"))
+            for t in s.prefetched_from(i):      # issued before this layer's FFN: its compute hides them too
+                _prefetch(bb, kern, s, t, h, n, P)
             y = _whole_ffn(bb, kern, s, i, h, n) if s.layer_mode[i] == LAYER_WHOLE else \
                 _sparse_ffn(bb, kern, s, i, h, n, P, fname)
             if s.bias:
@@ -257,15 +278,28 @@ def _whole_ffn(bb, kern, s: DecodeSpec, layer: int, h, n):
     return gemv(a, dk, dr, dc, dat)
 
 
+def _logits(bb, kern, s: DecodeSpec, h, n, rank: int, w):
+    """(n, d_ffn) float32: a low-rank predictor (a, a_bias, b, b_bias) on the FFN input h."""
+    N = s.d_ffn
+    return bb.emit(relax.call_tir(
+        kern(f"predictor_r{rank}", lambda: K.opaque(K.schedule_predictor(K.predictor_logits(s.d_model, rank, N)))),
+        relax.Tuple([h, *w]), out_ty=relax.TensorType([n, N], "float32")))
+
+
+def _prefetch(bb, kern, s: DecodeSpec, target: int, h, n, P) -> None:
+    """Layer `target`'s set predicted from this layer's FFN input, its reads queued."""
+    w = [P[f"l{target}.la_{k}"] for k in ("a", "a_bias", "b", "b_bias")]
+    logits = _logits(bb, kern, s, h, n, s.lookahead_rank, w)
+    bb.emit(relax.Call(relax.ExternFunc(PREFETCH), [relax.prim_value(tirx.IntImm("int64", target)), logits],
+                       ty_args=[relax.ObjectType()]))
+
+
 def _sparse_ffn(bb, kern, s: DecodeSpec, layer: int, h, n, P, fname: str):
     """The predicted neurons' bundles fetched by the runtime, then the thresholded sparse kernel."""
     spec, N = s.bundle, s.d_ffn
     if s.predictor_rank:
-        logits = bb.emit(relax.call_tir(
-            kern("predictor", lambda: K.opaque(K.schedule_predictor(K.predictor_logits(s.d_model, s.predictor_rank, N)))),
-            relax.Tuple([h, P[f"l{layer}.pred_a"], P[f"l{layer}.pred_a_bias"], P[f"l{layer}.pred_b"],
-                         P[f"l{layer}.pred_b_bias"]]),
-            out_ty=relax.TensorType([n, N], "float32")))
+        logits = _logits(bb, kern, s, h, n, s.predictor_rank,
+                         [P[f"l{layer}.pred_{k}"] for k in ("a", "a_bias", "b", "b_bias")])
     else:       # no predictor: the runtime fetches every bundle (its config says sets_all)
         logits = bb.emit(relax.op.zeros(relax.ShapeExpr([n, N]), "float32"))
     cols, vdt = buffer_cols(spec), VIEW_DTYPE[spec.dtype]

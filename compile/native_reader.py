@@ -39,11 +39,12 @@ ABI = 2                      # RIPPLE_ABI in native/ripple_native.h
 PREPARE, PROBE, READ_EXTENTS = "ripple_storage_prepare", "ripple_storage_probe", "ripple_flash_read_extents"
 BIND, HOOK, STATS = "ripple_flash_bind", "ripple_flash_read", "ripple_flash_stats"
 RT_OPEN, RT_WHOLE, RT_FETCH = "ripple_rt_open", "ripple_rt_whole", "ripple_rt_fetch"
+RT_PREFETCH = "ripple_rt_prefetch"
 RT_STATS, RT_CLOSE, RT_STEP = "ripple_rt_stats", "ripple_rt_close", "ripple_rt_step"
 ABI_FN, GLOBALS_FN = "ripple_native_abi", "ripple_native_globals"
 GLOBALS = ("ripple.storage.prepare", "ripple.storage.probe", "ripple.flash.read_extents",
            "ripple.flash.bind", "ripple.flash.read", "ripple.flash.stats",
-           "ripple.rt.open", "ripple.rt.whole", "ripple.rt.fetch", "ripple.rt.stats", "ripple.rt.close",
+           "ripple.rt.open", "ripple.rt.whole", "ripple.rt.fetch", "ripple.rt.prefetch", "ripple.rt.stats", "ripple.rt.close",
            "ripple.rt.step",
            "ripple.native.abi", "ripple.native.globals")
 HOOK_GLOBAL = "ripple.flash.read"      # compile.graph.FLASH_READ; kept when already registered

@@ -21,7 +21,7 @@ from ..compile.app_files import AppError, load_app_json
 from ..compile.app_params import read_params
 
 # ripple.rt.stats slots (compile/native/flash_runtime.c).
-STATS = 16
+STATS = 24
 IO_WAIT, READ_S, BYTES_READ, BYTES_NEEDED, READS, ACTIVE, CACHE_HITS, FETCHES, WHOLES, PINNED, BUFFERS, O_DIRECT = range(12)
 
 

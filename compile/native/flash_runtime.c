@@ -33,6 +33,7 @@
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,11 +53,24 @@ typedef struct {
   char err[1024];
 } ahead_t;
 
-/* Counters, as ripple.rt.stats hands them out. */
+/* A layer's bundles read ahead by ripple.rt.prefetch, until its fetch takes them. */
+typedef struct {
+  int64_t layer;           /* -1: free */
+  int64_t left;            /* its requests not yet read (and checked) */
+  int64_t covered;         /* slots whose bundle the reads hold whole */
+  int failed;              /* a read or its checksum failed: err says how */
+  char err[1024];
+  char* buf;               /* the reads, back to back (one mapping of stage_cap bytes) */
+  size_t mapped;
+  int64_t* slot_off;       /* (n,) where slot s's bundle lies in buf; -1: not read */
+} pf_t;
+
+/* Counters, as ripple.rt.stats hands them out (see there). */
 enum {
   ST_IO_WAIT, ST_READ_SECONDS, ST_BYTES_READ, ST_BYTES_NEEDED, ST_REQUESTS, ST_ACTIVE, ST_HITS,
   ST_FETCHES, ST_WHOLES, ST_PINNED_BYTES, ST_BUFFER_BYTES, ST_O_DIRECT, ST_LAYERS, ST_VERIFIED,
-  ST_VERIFY_SECONDS, ST_COUNT = 16
+  ST_VERIFY_SECONDS, ST_PREFETCHES, ST_PF_BYTES, ST_PF_USED, ST_PF_UNUSED, ST_MISSES, ST_QD_MAX,
+  ST_QD_SUM, ST_QD_SAMPLES, ST_PF_WAIT, ST_COUNT
 };
 
 static struct {
@@ -89,6 +103,15 @@ static struct {
   int started, quit, thread_started;
   pthread_t thread;
   int64_t *wreq, *wreq_start;  /* a pinned whole layer's requests, at open */
+  /* lookahead: lookahead + 1 prefetch buffers (layer t in pf[t % npf]: the layers in flight
+   * are consecutive, one token's), their requests in one FIFO (la_req: 4 int64 a request,
+   * buffer, file offset, length, offset in the buffer) that the lookahead pool's readers
+   * take from, so several layers' requests share the device's queue */
+  pf_t* pf;
+  int64_t npf, la_cap, la_head, la_tail;
+  int64_t* la_req;
+  int la_started;
+  pthread_t la_thread;
   double st[ST_COUNT];     /* under ra_mu */
 } rt = {.bfd = -1, .wfd = -1};
 
@@ -96,7 +119,9 @@ static pthread_mutex_t rt_mu = PTHREAD_MUTEX_INITIALIZER;  /* one call at a time
 static pthread_mutex_t ra_mu = PTHREAD_MUTEX_INITIALIZER;  /* read-ahead state, counters */
 static pthread_cond_t ra_work = PTHREAD_COND_INITIALIZER;  /* the thread has positions to read */
 static pthread_cond_t ra_done = PTHREAD_COND_INITIALIZER;  /* a position was read */
-static pool_t fetch_pool = POOL_INIT, ahead_pool = POOL_INIT;
+static pthread_cond_t la_work = PTHREAD_COND_INITIALIZER;  /* prefetch requests to read */
+static pthread_cond_t la_done = PTHREAD_COND_INITIALIZER;  /* a prefetch buffer was read */
+static pool_t fetch_pool = POOL_INIT, ahead_pool = POOL_INIT, la_pool = POOL_INIT;
 
 static const char* NO_RUNTIME = "no runtime is open; call ripple.rt.open(config_path) first";
 
@@ -212,12 +237,16 @@ static void read_job(job_t* j, int fd, char* buf, const int64_t* req, const int6
   j->m = m;
 }
 
-/* Reads the bundles of the marked slots of `layer` (mark[s] != 0) in slot order into dst, one
- * bundle a row; *rows = how many. Runs of slots become aligned ranges, neighbours at most
- * collapse_gap_bytes apart (or touching, or sharing a block) one extent, extents cut into
- * requests of max_request_bytes, all in flight together on the fetch pool. */
-static int read_marked(const char* fn, int64_t layer, const uint8_t* mark, char* dst, int64_t* rows,
-                       io_t* io) {
+/* Plans the reads of the marked slots of `layer` (mark[s] != 0) into rt's scratch arrays: runs
+ * of slots become aligned ranges, neighbours at most collapse_gap_bytes apart (or touching, or
+ * sharing a block) one extent (ext_off, ext_start: its place in the staging buffer), extents cut
+ * into requests of max_request_bytes (req, req_start); run_lo/run_len/run_ext say where each
+ * run of marked slots lies. */
+typedef struct {
+  int64_t extents, runs, total, requests;
+} plan_t;
+
+static int plan_marked(const char* fn, int64_t layer, const uint8_t* mark, plan_t* p) {
   const rt_config_t* c = &rt.cfg;
   const int64_t n = c->n, bb = c->bundle_bytes, a = c->alignment, base = c->region_offsets[layer];
   int64_t m = 0, runs = 0, total = 0, nreq = 0;
@@ -261,26 +290,37 @@ static int read_marked(const char* fn, int64_t layer, const uint8_t* mark, char*
   if (total > rt.stage_cap)
     return fail("RuntimeError", "%s: layer %lld needs %lld bytes read, the buffer holds %lld "
                 "(internal bound)", fn, (long long)layer, (long long)total, (long long)rt.stage_cap);
+  *p = (plan_t){m, runs, total, nreq};
+  return 0;
+}
+
+/* Reads the bundles of the marked slots of `layer` in slot order into dst, one bundle a row;
+ * *rows = how many. The plan_marked requests, all in flight together on the fetch pool. */
+static int read_marked(const char* fn, int64_t layer, const uint8_t* mark, char* dst, int64_t* rows,
+                       io_t* io) {
+  const rt_config_t* c = &rt.cfg;
+  plan_t p;
+  if (plan_marked(fn, layer, mark, &p) != 0) return -1;
   job_t j;
   double el = 0;
-  read_job(&j, rt.bfd, rt.stage, rt.req, rt.req_start, nreq);
-  if (nreq > 0 && pool_run(fn, &fetch_pool, &j, &el) != 0) return -1;
+  read_job(&j, rt.bfd, rt.stage, rt.req, rt.req_start, p.requests);
+  if (p.requests > 0 && pool_run(fn, &fetch_pool, &j, &el) != 0) return -1;
   if (atomic_load(&j.failed)) return job_error(fn, c->bundles_path, &j);
-  for (int64_t e = 0; c->verify && e < m; ++e) {
-    int64_t len = (e + 1 < m ? rt.ext_start[e + 1] : total) - rt.ext_start[e];
+  for (int64_t e = 0; c->verify && e < p.extents; ++e) {
+    int64_t len = (e + 1 < p.extents ? rt.ext_start[e + 1] : p.total) - rt.ext_start[e];
     int64_t bad = bad_block(c->bundle_crcs, rt.ext_off[e], rt.stage + rt.ext_start[e], len, io);
     if (bad >= 0) return checksum_error(fn, c->bundles_path, bad, 0);
   }
   char* out = dst;
-  for (int64_t r = 0; r < runs; ++r) {
+  for (int64_t r = 0; r < p.runs; ++r) {
     int64_t e = rt.run_ext[r];
     memcpy(out, rt.stage + rt.ext_start[e] + (rt.run_lo[r] - rt.ext_off[e]), (size_t)rt.run_len[r]);
     out += rt.run_len[r];
   }
-  *rows = (out - dst) / bb;
+  *rows = (out - dst) / c->bundle_bytes;
   io->seconds += el;
-  io->bytes += total;
-  io->requests += nreq;
+  io->bytes += p.total;
+  io->requests += p.requests;
   return 0;
 }
 
@@ -391,6 +431,75 @@ static void restart_stream(int64_t idx) {
   rt.started = 1;
 }
 
+/* ------------------------------------------------------------------ lookahead */
+
+/* A reader of the lookahead pool (every participant runs it until close): takes the next
+ * prefetch request from the FIFO, reads (and checks) it into its buffer; the last request of
+ * a buffer wakes the fetch that may be waiting for it. */
+static void la_reads(job_t* j, int idx) {
+  (void)j;
+  (void)idx;
+  job_t one;
+  pthread_mutex_lock(&ra_mu);
+  for (;;) {
+    while (!rt.quit && rt.la_head == rt.la_tail) pthread_cond_wait(&la_work, &ra_mu);
+    if (rt.quit) break;
+    const int64_t* q = rt.la_req + 4 * (rt.la_head++ % rt.la_cap);
+    pf_t* f = &rt.pf[q[0]];
+    int64_t off = q[1], len = q[2], at = q[3];
+    int skip = f->failed;
+    if (!skip) {
+      count_read_time();
+      ++rt.in_reads;
+    }
+    pthread_mutex_unlock(&ra_mu);
+    memset(&one, 0, sizeof one);
+    one.fd = rt.bfd;
+    io_t io = {0, 0, 0, 0, 0};
+    int bad_read = !skip && read_full(&one, f->buf + at, off, len) != 0;
+    int64_t bad = !skip && !bad_read && rt.cfg.verify
+                      ? bad_block(rt.cfg.bundle_crcs, off, f->buf + at, len, &io) : -1;
+    pthread_mutex_lock(&ra_mu);
+    if (!skip) {
+      count_read_time();
+      --rt.in_reads;
+    }
+    if (bad_read && !f->failed) {
+      f->failed = 1;
+      job_message(f->err, sizeof f->err, "ripple.rt.fetch (prefetched)", rt.cfg.bundles_path, &one);
+    } else if (bad >= 0 && !f->failed) {
+      f->failed = 1;
+      checksum_message(f->err, sizeof f->err, "ripple.rt.fetch (prefetched)", rt.cfg.bundles_path, bad, 0);
+    }
+    if (!skip && !bad_read) {
+      rt.st[ST_BYTES_READ] += (double)len;
+      rt.st[ST_PF_BYTES] += (double)len;
+      rt.st[ST_REQUESTS] += 1;
+    }
+    rt.st[ST_VERIFIED] += (double)io.verified;
+    rt.st[ST_VERIFY_SECONDS] += io.verify_seconds;
+    if (--f->left == 0) pthread_cond_broadcast(&la_done);
+  }
+  pthread_mutex_unlock(&ra_mu);
+}
+
+static void* la_thread_main(void* arg) {
+  (void)arg;
+  job_t j;
+  double el;
+  memset(&j, 0, sizeof j);
+  j.run = la_reads;
+  j.nthreads = (int)rt.cfg.queue_depth;
+  /* open started the pool's helpers (warm), so this cannot fail; if it did, read at depth 1 */
+  if (pool_run("ripple.rt.prefetch (readers)", &la_pool, &j, &el) != 0) la_reads(&j, 0);
+  return NULL;
+}
+
+/* Called with ra_mu held: waits until prefetch buffer f holds no reads in flight. */
+static void pf_settle(pf_t* f) {
+  while (f->left > 0) pthread_cond_wait(&la_done, &ra_mu);
+}
+
 /* ------------------------------------------------------------------ open and close */
 
 static void teardown(void) {
@@ -401,8 +510,20 @@ static void teardown(void) {
     pthread_mutex_unlock(&ra_mu);
     pthread_join(rt.thread, NULL);
   }
+  if (rt.la_started) {
+    pthread_mutex_lock(&ra_mu);
+    rt.quit = 1;
+    pthread_cond_broadcast(&la_work);
+    pthread_mutex_unlock(&ra_mu);
+    pthread_join(rt.la_thread, NULL);
+  }
   pool_stop(&ahead_pool);
   pool_stop(&fetch_pool);
+  pool_stop(&la_pool);
+  for (int64_t b = 0; rt.pf && b < rt.npf; ++b) {
+    unmap_buffer(rt.pf[b].buf, rt.pf[b].mapped);
+    free(rt.pf[b].slot_off);
+  }
   if (rt.bfd >= 0) close(rt.bfd);
   if (rt.wfd >= 0) close(rt.wfd);
   for (int64_t l = 0; l < rt.cfg.n_layers; ++l) {
@@ -414,7 +535,7 @@ static void teardown(void) {
   void* owned[] = {rt.pinned_whole, rt.pinned_rows, rt.pin_row, rt.gather, rt.act,
                    rt.mark, rt.run_lo, rt.run_len, rt.run_ext, rt.ext_off, rt.ext_start, rt.req,
                    rt.req_start, rt.stream, rt.stream_idx, rt.ahead_buf, rt.ahead, rt.wreq,
-                   rt.wreq_start};
+                   rt.wreq_start, rt.pf, rt.la_req};
   for (size_t i = 0; i < sizeof owned / sizeof *owned; ++i) free(owned[i]);
   rt_config_free(&rt.cfg);
   double st[ST_COUNT];
@@ -567,7 +688,26 @@ static int open_runtime(const char* fn, const char* path) {
     if (e != 0) return fail("RuntimeError", "%s: cannot start the read-ahead thread: %s", fn, strerror(e));
     rt.thread_started = 1;
   }
+  if (c->lookahead > 0) {
+    rt.npf = c->lookahead + 1;
+    rt.la_cap = rt.npf * rt.max_reqs;
+    if (alloc(fn, &rt.pf, rt.npf * (int64_t)sizeof(pf_t), 0) || alloc(fn, &rt.la_req, 4 * rt.la_cap * z, 0))
+      return -1;
+    for (int64_t b = 0; b < rt.npf; ++b) {
+      rt.pf[b].layer = -1;
+      if (alloc(fn, &rt.pf[b].slot_off, n * z, 0)) return -1;
+      if (!(rt.pf[b].buf = map_buffer(rt.stage_cap, &rt.pf[b].mapped)))
+        return fail("RuntimeError", "%s: cannot map a %lld-byte prefetch buffer: %s", fn,
+                    (long long)rt.stage_cap, strerror(ERRNO));
+    }
+    buffers += (double)(rt.npf * rt.stage_cap);
+    if (warm(fn, &la_pool, c->queue_depth) != 0) return -1;
+    int e = pthread_create(&rt.la_thread, NULL, la_thread_main, NULL);
+    if (e != 0) return fail("RuntimeError", "%s: cannot start the prefetch thread: %s", fn, strerror(e));
+    rt.la_started = 1;
+  }
   memset(rt.st, 0, sizeof rt.st);
+  queue_depth_reset();
   rt.st[ST_PINNED_BYTES] = pinned;
   rt.st[ST_BUFFER_BYTES] = buffers;
   rt.st[ST_O_DIRECT] = (double)c->o_direct;
@@ -651,6 +791,96 @@ EXPORT int __tvm_ffi_ripple_rt_whole(void* self, const TVMFFIAny* args, int32_t 
   return rc;
 }
 
+/* rt.act[i] = 1 for the neurons some row of logits (T, n) puts above thr (every one with
+ * sets_all). */
+static int active_of(const char* fn, const DLTensor* logits, float thr) {
+  const int64_t N = rt.cfg.n;
+  if (logits->ndim != 2 || logits->shape[1] != N)
+    return fail("ValueError", "%s: logits must have shape (T, %lld), got %s(%lld, %lld)", fn, (long long)N,
+                logits->ndim == 2 ? "" : "a tensor of another rank: ",
+                (long long)(logits->ndim > 0 ? logits->shape[0] : 0),
+                (long long)(logits->ndim > 1 ? logits->shape[1] : 0));
+  if (rt.cfg.sets_all) {
+    memset(rt.act, 1, (size_t)N);
+    return 0;
+  }
+  const float* x = (const float*)tensor_data(logits);
+  memset(rt.act, 0, (size_t)N);
+  for (int64_t t = 0; t < logits->shape[0]; ++t, x += N)
+    for (int64_t i = 0; i < N; ++i) rt.act[i] |= x[i] > thr;
+  return 0;
+}
+
+/* ripple.rt.prefetch(layer, logits (T, n) float32) -> requests issued. The neurons the
+ * lookahead predictor's logits put above the layer's lookahead threshold, less the pinned
+ * ones, planned as a fetch plans (runs, collapse, request cut) and queued to the lookahead
+ * readers; it returns at once. The layer's fetch then takes what they read and reads the rest
+ * of its own set on demand. A prefetch of a layer still holding an earlier one's bundles (no
+ * fetch came between) waits for those reads and drops them. */
+EXPORT int __tvm_ffi_ripple_rt_prefetch(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  static const char* fn = "ripple.rt.prefetch";
+  int64_t layer = 0;
+  DLTensor* logits;
+  (void)self;
+  if (want_args(fn, n, 2) || arg_int(args, 0, fn, "layer", &layer) ||
+      arg_tensor(args, 1, fn, "logits", kDLFloat, 32, 0, &logits))
+    return -1;
+  pthread_mutex_lock(&rt_mu);
+  int rc = -1;
+  const rt_config_t* c = &rt.cfg;
+  if (check_layer(fn, layer, 0) != 0) goto done;
+  if (!(c->la_thresholds[layer] < INFINITY)) {
+    fail("ValueError", "%s: layer %lld is not prefetched in this config (no lookahead threshold); "
+         "compile the APP with --lookahead", fn, (long long)layer);
+    goto done;
+  }
+  if (active_of(fn, logits, c->la_thresholds[layer]) != 0) goto done;
+  const int64_t N = c->n, bb = c->bundle_bytes, base = c->region_offsets[layer];
+  const int32_t* so = c->slot_of + layer * N;
+  const int32_t* pin = rt.pin_row + layer * N;
+  memset(rt.mark, 0, (size_t)N);
+  for (int64_t i = 0; i < N; ++i)
+    if (rt.act[i] && pin[i] < 0) rt.mark[so[i]] = 1;
+  pf_t* f = &rt.pf[layer % rt.npf];
+  pthread_mutex_lock(&ra_mu);
+  pf_settle(f);
+  f->layer = -1;
+  pthread_mutex_unlock(&ra_mu);
+  plan_t p;
+  if (plan_marked(fn, layer, rt.mark, &p) != 0) goto done;
+  /* every slot whose bundle an extent holds whole is read: gaps collapsed in come too */
+  int64_t covered = 0;
+  for (int64_t s = 0; s < N; ++s) f->slot_off[s] = -1;
+  for (int64_t e = 0; e < p.extents; ++e) {
+    int64_t len = (e + 1 < p.extents ? rt.ext_start[e + 1] : p.total) - rt.ext_start[e];
+    int64_t s0 = (rt.ext_off[e] - base + bb - 1) / bb, s1 = (rt.ext_off[e] + len - base) / bb;
+    if (s0 < 0) s0 = 0;
+    if (s1 > N) s1 = N;
+    for (int64_t s = s0; s < s1; ++s, ++covered)
+      f->slot_off[s] = rt.ext_start[e] + base + s * bb - rt.ext_off[e];
+  }
+  pthread_mutex_lock(&ra_mu);
+  f->layer = layer;
+  f->left = p.requests;
+  f->covered = covered;
+  f->failed = 0;
+  for (int64_t r = 0; r < p.requests; ++r) {
+    int64_t* q = rt.la_req + 4 * (rt.la_tail++ % rt.la_cap);
+    q[0] = f - rt.pf;
+    q[1] = rt.req[2 * r];
+    q[2] = rt.req[2 * r + 1];
+    q[3] = rt.req_start[r];
+  }
+  for (int64_t i = 0; i < p.requests && i < c->queue_depth; ++i) pthread_cond_signal(&la_work);
+  rt.st[ST_PREFETCHES] += 1;
+  pthread_mutex_unlock(&ra_mu);
+  ret_int(result, p.requests);
+  rc = 0;
+done:
+  pthread_mutex_unlock(&rt_mu);
+  return rc;
+}
+
 EXPORT int __tvm_ffi_ripple_rt_fetch(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
   static const char* fn = "ripple.rt.fetch";
   int64_t layer = 0;
@@ -663,43 +893,53 @@ EXPORT int __tvm_ffi_ripple_rt_fetch(void* self, const TVMFFIAny* args, int32_t 
   int rc = -1;
   const rt_config_t* c = &rt.cfg;
   if (check_layer(fn, layer, 0) != 0) goto done;
+  if (active_of(fn, logits, c->thresholds[layer]) != 0) goto done;
   const int64_t N = c->n, bb = c->bundle_bytes;
-  if (logits->ndim != 2 || logits->shape[1] != N) {
-    fail("ValueError", "%s: logits must have shape (T, %lld), got %s(%lld, %lld)", fn, (long long)N,
-         logits->ndim == 2 ? "" : "a tensor of another rank: ",
-         (long long)(logits->ndim > 0 ? logits->shape[0] : 0),
-         (long long)(logits->ndim > 1 ? logits->shape[1] : 0));
-    goto done;
-  }
-  if (c->sets_all) {
-    memset(rt.act, 1, (size_t)N);
-  } else {
-    const float* x = (const float*)tensor_data(logits);
-    const float thr = c->thresholds[layer];
-    memset(rt.act, 0, (size_t)N);
-    for (int64_t t = 0; t < logits->shape[0]; ++t, x += N)
-      for (int64_t i = 0; i < N; ++i) rt.act[i] |= x[i] > thr;
-  }
-  /* hits first, copied from DRAM; the misses after them, read in slot order */
+  /* the layer's prefetch, if one was issued since its last fetch */
+  pf_t* f = rt.npf && rt.pf[layer % rt.npf].layer == layer ? &rt.pf[layer % rt.npf] : NULL;
+  /* hits first, copied from DRAM; then the misses, read in slot order; the prefetched last */
   const int32_t* so = c->slot_of + layer * N;
   const int32_t* pin = rt.pin_row + layer * N;
-  int64_t k = 0, hits = 0, misses = 0;
+  int64_t k = 0, hits = 0, misses = 0, ahead = 0;
   memset(rt.mark, 0, (size_t)N);
   for (int64_t i = 0; i < N; ++i) {
     if (!rt.act[i]) continue;
     if (pin[i] >= 0) {
       memcpy(rt.gather + hits * bb, rt.pinned_rows[layer] + (int64_t)pin[i] * bb, (size_t)bb);
       ++hits;
+    } else if (f && f->slot_off[so[i]] >= 0) {
+      ++ahead;
     } else {
       rt.mark[so[i]] = 1;
       ++misses;
     }
   }
   io_t io = {0, 0, 0, 0, 0};
+  double t0 = now_s(), pf_wait = 0;
   if (misses > 0 && read_marked(fn, layer, rt.mark, rt.gather + hits * bb, &k, &io) != 0) goto done;
   k += hits;
+  char err[1024] = "";
+  if (f && ahead > 0) {      /* none used: the next prefetch into the buffer settles its reads */
+    pthread_mutex_lock(&ra_mu);
+    double t1 = now_s();
+    pf_settle(f);
+    pf_wait = now_s() - t1;
+    if (f->failed) strcpy(err, f->err);
+    pthread_mutex_unlock(&ra_mu);
+    if (err[0]) {
+      f->layer = -1;
+      fail("RuntimeError", "%s", err);
+      goto done;
+    }
+    for (int64_t i = 0; i < N; ++i)
+      if (rt.act[i] && pin[i] < 0 && f->slot_off[so[i]] >= 0)
+        memcpy(rt.gather + k++ * bb, f->buf + f->slot_off[so[i]], (size_t)bb);
+  }
+  if (f) f->layer = -1;
+  double waited = now_s() - t0;
   pthread_mutex_lock(&ra_mu);
-  rt.st[ST_IO_WAIT] += io.seconds;       /* the caller waited for every read of a fetch */
+  /* the caller waited for every read of a fetch, and for the prefetched reads still in flight */
+  rt.st[ST_IO_WAIT] += f ? waited : io.seconds;
   rt.st[ST_READ_SECONDS] += io.seconds;
   rt.st[ST_BYTES_READ] += (double)io.bytes;
   rt.st[ST_REQUESTS] += (double)io.requests;
@@ -709,6 +949,12 @@ EXPORT int __tvm_ffi_ripple_rt_fetch(void* self, const TVMFFIAny* args, int32_t 
   rt.st[ST_FETCHES] += 1;
   rt.st[ST_VERIFIED] += (double)io.verified;
   rt.st[ST_VERIFY_SECONDS] += io.verify_seconds;
+  if (f) {
+    rt.st[ST_PF_USED] += (double)ahead;
+    rt.st[ST_PF_UNUSED] += (double)(f->covered - ahead);
+    rt.st[ST_MISSES] += (double)misses;
+    rt.st[ST_PF_WAIT] += pf_wait;
+  }
   pthread_mutex_unlock(&ra_mu);
   static const DLDataType dtypes[] = {{kDLUInt, 8, 1}, {kDLInt, 8, 1}, {kDLFloat, 16, 1}};
   const int64_t shape[2] = {k, bb / rt_elem_bytes(c->view_dtype)};
@@ -718,7 +964,7 @@ done:
   return rc;
 }
 
-/* out (16,) float64, cumulative since open (kept after close until the next open):
+/* out (24,) float64, cumulative since open (kept after close until the next open):
  * [0] seconds whole()/fetch() callers waited for reads, [1] read seconds in all (with those
  * hidden behind compute), [2] bytes read from flash, [3] bytes the kernels needed (k bundles a
  * fetch, whole_layer_bytes a whole call), [4] read requests, [5] active neurons (k a fetch, n
@@ -726,8 +972,13 @@ done:
  * bytes, [10] buffer bytes (read-ahead, gather, staging), [11] O_DIRECT (1/0), [12] layers,
  * [13] bytes checked against their block CRC32 (verify on: every byte of [2]; off: 0),
  * [14] CPU seconds spent checking them (on the caller's thread for fetch, on the read-ahead
- * thread for whole layers), [15] 0. Read-ahead reads count when they finish; reads at open
- * (pinned) are checked but not counted. */
+ * thread for whole layers), [15] prefetch calls, [16] bytes they read (in [2] too), [17]
+ * prefetched bundles the layer's own set used, [18] prefetched bundles it did not use (read
+ * for nothing: false positives of the lookahead, and gaps collapsed in), [19] bundles of a
+ * prefetched layer's own set read on demand (misses), [20] the most requests in flight seen
+ * as one started (every pool), [21] their sum and [22] how many (mean depth = [21] / [22]),
+ * [23] seconds fetch waited for prefetched reads still in flight (in [0] too). Read-ahead and
+ * prefetch reads count when they finish; reads at open (pinned) are checked but not counted. */
 EXPORT int __tvm_ffi_ripple_rt_stats(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
   static const char* fn = "ripple.rt.stats";
   DLTensor* out;
@@ -735,13 +986,18 @@ EXPORT int __tvm_ffi_ripple_rt_stats(void* self, const TVMFFIAny* args, int32_t 
   (void)result;
   if (want_args(fn, n, 1) || arg_tensor(args, 0, fn, "out", kDLFloat, 64, 0, &out)) return -1;
   if (out->ndim != 1 || out->shape[0] != ST_COUNT)
-    return fail("ValueError", "%s: out must have shape (%d,) float64", fn, ST_COUNT);
+    return fail("ValueError", "%s: out must have shape (%d,) float64", fn, (int)ST_COUNT);
   pthread_mutex_lock(&rt_mu);
   int rc = 0;
   if (!rt.opened_once) {
     rc = fail("RuntimeError", "%s: %s", fn, NO_RUNTIME);
   } else {
     pthread_mutex_lock(&ra_mu);
+    int64_t mx, sum, samples;
+    queue_depth_seen(&mx, &sum, &samples);
+    rt.st[ST_QD_MAX] = (double)mx;
+    rt.st[ST_QD_SUM] = (double)sum;
+    rt.st[ST_QD_SAMPLES] = (double)samples;
     memcpy(tensor_data(out), rt.st, sizeof rt.st);
     pthread_mutex_unlock(&ra_mu);
   }

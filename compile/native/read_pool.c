@@ -120,22 +120,47 @@ static void record_error(job_t* j, int err, int64_t off, int64_t len, int64_t go
   }
 }
 
+/* Requests in flight across every pool of the process, sampled as each one starts: the queue
+ * depth the device saw (the lookahead's point is to keep it up). */
+static atomic_llong inflight, depth_max, depth_sum, depth_samples;
+
+void queue_depth_seen(int64_t* max, int64_t* sum, int64_t* samples) {
+  *max = atomic_load(&depth_max);
+  *sum = atomic_load(&depth_sum);
+  *samples = atomic_load(&depth_samples);
+}
+
+void queue_depth_reset(void) {
+  atomic_store(&depth_max, 0);
+  atomic_store(&depth_sum, 0);
+  atomic_store(&depth_samples, 0);
+}
+
 int read_full(job_t* j, char* dst, int64_t off, int64_t len) {
   int64_t got = 0;
+  long long d = atomic_fetch_add(&inflight, 1) + 1, m = atomic_load(&depth_max);
+  while (d > m && !atomic_compare_exchange_weak(&depth_max, &m, d)) {
+  }
+  atomic_fetch_add(&depth_sum, d);
+  atomic_fetch_add(&depth_samples, 1);
+  int rc = 0;
   while (got < len) {
     ssize_t k = pread(j->fd, dst + got, (size_t)(len - got), (off_t)(off + got));
     if (k < 0) {
       if (ERRNO == EINTR) continue;
       record_error(j, ERRNO, off, len, got);
-      return -1;
+      rc = -1;
+      break;
     }
     if (k == 0) {
       record_error(j, 0, off, len, got);
-      return -1;
+      rc = -1;
+      break;
     }
     got += k;
   }
-  return 0;
+  atomic_fetch_sub(&inflight, 1);
+  return rc;
 }
 
 void run_read(job_t* j, int idx) {

@@ -31,6 +31,7 @@ DECLARE(ripple_rt_open)
 DECLARE(ripple_rt_step)
 DECLARE(ripple_rt_whole)
 DECLARE(ripple_rt_fetch)
+DECLARE(ripple_rt_prefetch)
 DECLARE(ripple_rt_stats)
 DECLARE(ripple_rt_close)
 
@@ -67,6 +68,7 @@ static const struct {
     {"ripple.rt.open", __tvm_ffi_ripple_rt_open},
     {"ripple.rt.whole", __tvm_ffi_ripple_rt_whole},
     {"ripple.rt.fetch", __tvm_ffi_ripple_rt_fetch},
+    {"ripple.rt.prefetch", __tvm_ffi_ripple_rt_prefetch},
     {"ripple.rt.stats", __tvm_ffi_ripple_rt_stats},
     {"ripple.rt.close", __tvm_ffi_ripple_rt_close},
     {"ripple.rt.step", __tvm_ffi_ripple_rt_step},

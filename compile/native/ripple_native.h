@@ -108,6 +108,10 @@ INTERNAL void pool_stop(pool_t* p);
 /* job_t.run for reads of extents; read_full reads all of len bytes or records why not. */
 INTERNAL void run_read(job_t* j, int idx);
 INTERNAL int read_full(job_t* j, char* dst, int64_t off, int64_t len);
+/* Requests in flight as each read_full started, over the whole process: the largest, their sum
+ * and how many (mean = sum / samples); reset clears them. */
+INTERNAL void queue_depth_seen(int64_t* max, int64_t* sum, int64_t* samples);
+INTERNAL void queue_depth_reset(void);
 /* The one-line error of a failed job (a short read names the offset: a truncated file). */
 INTERNAL int job_error(const char* fn, const char* path, const job_t* j);
 /* The same line into out, for a thread with no caller to raise it to. */

@@ -59,7 +59,7 @@ namespace ffi = tvm::ffi;
 namespace {
 
 constexpr int kFormat = 1;        // app.json "format" this runner reads
-constexpr int kStats = 16;        // ripple.rt.stats vector length
+constexpr int kStats = 24;        // ripple.rt.stats vector length
 // ripple.rt.stats slots (cumulative since ripple.rt.open).
 enum Stat { kIoWait = 0, kReadS, kBytesRead, kBytesNeeded, kReads, kActive, kCacheHits,
             kFetchCalls, kWholeCalls, kPinned, kBuffers, kODirect, kLayers };

@@ -5,6 +5,7 @@
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -102,7 +103,7 @@ int rt_config_read(const char* fn, const char* path, rt_config_t* c) {
           align = i64_at(h + 32), vd = i64_at(h + 40), wlb = i64_at(h + 48), all = i64_at(h + 56),
           qd = i64_at(h + 64), ra = i64_at(h + 72), gap = i64_at(h + 80), maxreq = i64_at(h + 88),
           od = i64_at(h + 96), s1 = i64_at(h + 104), s2 = i64_at(h + 112), P = i64_at(h + 120),
-          verify = i64_at(h + 128), B = i64_at(h + 136), W = i64_at(h + 144);
+          verify = i64_at(h + 128), B = i64_at(h + 136), W = i64_at(h + 144), J = i64_at(h + 152);
   if (file_bytes != size)
     BAD("%s: %s: the header says %lld bytes, the file has %lld; it is truncated or was changed; "
         "write it again", fn, path, (long long)file_bytes, (long long)size);
@@ -132,8 +133,11 @@ int rt_config_read(const char* fn, const char* path, rt_config_t* c) {
       W > RT_MAX_FILE_BYTES / 4 || (!verify && (B || W)))
     BAD("%s: %s: verify %lld with checksum tables of %lld and %lld blocks: want verify 0 or 1, "
         "and tables only with verify", fn, path, (long long)verify, (long long)B, (long long)W);
+  if (J < 0 || J >= L)
+    BAD("%s: %s: lookahead %lld must lie in 0..%lld (layers ahead)", fn, path, (long long)J,
+        (long long)L - 1);
   int64_t at = RT_HEADER_BYTES + align_up(s1 + s2, 8);
-  int64_t want = at + L * (8 * 3 + 4) + L * n * 4 + (P + B + W) * 4 + 2 * L;
+  int64_t want = at + L * (8 * 3 + 4 + 4) + L * n * 4 + (P + B + W) * 4 + 2 * L;
   if (want != size)
     BAD("%s: %s: %lld bytes, the header's sizes need %lld; write it again", fn, path,
         (long long)size, (long long)want);
@@ -145,7 +149,8 @@ int rt_config_read(const char* fn, const char* path, rt_config_t* c) {
   c->whole_offsets = c->region_offsets + L;
   c->pinned_counts = c->whole_offsets + L;
   c->thresholds = (const float*)(c->pinned_counts + L);
-  c->slot_of = (const int32_t*)(c->thresholds + L);
+  c->la_thresholds = c->thresholds + L;
+  c->slot_of = (const int32_t*)(c->la_thresholds + L);
   c->pinned_ids = c->slot_of + L * n;
   c->bundle_crcs = (const uint32_t*)(c->pinned_ids + P);
   c->whole_crcs = c->bundle_crcs + B;
@@ -176,6 +181,10 @@ int rt_config_read(const char* fn, const char* path, rt_config_t* c) {
       BAD("%s: %s: layer %lld is read whole but the config names no whole-copy file (or its "
           "whole_layer_bytes is 0)", fn, path, (long long)l);
     if (thr != thr) BAD("%s: %s: layer %lld: logit threshold is NaN", fn, path, (long long)l);
+    float la = c->la_thresholds[l];
+    if (la != la || (la < INFINITY && (mode != 0 || J == 0)))
+      BAD("%s: %s: layer %lld: lookahead threshold %g: only a sparse layer is prefetched, with a "
+          "lookahead > 0 in the header, and never at NaN", fn, path, (long long)l, (double)la);
     if (pc < 0 || pc > n || pinned_sum + pc > P)
       BAD("%s: %s: layer %lld: %lld pinned bundles do not fit the %lld listed", fn, path,
           (long long)l, (long long)pc, (long long)P);
@@ -228,6 +237,7 @@ int rt_config_read(const char* fn, const char* path, rt_config_t* c) {
   c->verify = verify;
   c->n_bundle_crcs = B;
   c->n_whole_crcs = W;
+  c->lookahead = J;
   return 0;
 bad:
   free(seen);

@@ -9,8 +9,8 @@
 #include "ripple_native.h"
 
 #define RT_MAGIC "RPLRT001"
-#define RT_VERSION 2
-#define RT_FIELDS 20            /* int64 header fields after the magic */
+#define RT_VERSION 3
+#define RT_FIELDS 21            /* int64 header fields after the magic */
 #define RT_HEADER_BYTES (8 + 8 * RT_FIELDS)
 
 enum { RT_UINT8 = 0, RT_INT8 = 1, RT_FLOAT16 = 2 };   /* view_dtype */
@@ -21,11 +21,12 @@ typedef struct {
   char whole_path[PATH_CAP];    /* "" when the layout has no whole copy */
   int64_t n_layers, n, bundle_bytes, alignment, view_dtype, whole_layer_bytes, sets_all,
       queue_depth, read_ahead, collapse_gap_bytes, max_request_bytes, o_direct, pinned_total,
-      verify, n_bundle_crcs, n_whole_crcs;
+      verify, n_bundle_crcs, n_whole_crcs, lookahead;
   const int64_t* region_offsets;   /* (L,) */
   const int64_t* whole_offsets;    /* (L,) */
   const int64_t* pinned_counts;    /* (L,) pinned bundles per layer */
   const float* thresholds;         /* (L,) */
+  const float* la_thresholds;      /* (L,) a prefetch's threshold; +inf: never prefetched */
   const int32_t* slot_of;          /* (L, n) */
   const int32_t* pinned_ids;       /* (pinned_total,) layer 0's, then layer 1's, ... */
   const uint32_t* bundle_crcs;     /* (n_bundle_crcs,) CRC32 of each alignment block, if verify */

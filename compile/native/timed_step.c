@@ -4,11 +4,11 @@
  * nor the logits' way back (196 KB a token on SmolLM2) is in the time, as in ripple-run.
  *
  *   ripple.rt.step(vm Module, name str, tokens (n,) int32, kv, pos int, params Array,
- *                  out (2 + 16,) float64) -> 0
+ *                  out (2 + 24,) float64) -> 0
  *
  * vm is the Relax VM module (vm_load_executable's), name "prefill" or "decode"; the call is
  * vm[name](tokens, kv, Shape([pos]), params). out[0]: seconds of the call; out[1]: the
- * argmax of the last row of the logits it returned; out[2..17]: ripple.rt.stats after it.
+ * argmax of the last row of the logits it returned; out[2..25]: ripple.rt.stats after it.
  * A module, not a function, is taken because TVM's RPC passes modules to the device but not
  * functions.
  */
@@ -22,7 +22,7 @@ typedef int (*get_global_fn)(const TVMFFIByteArray*, TVMFFIObjectHandle*);
 typedef int (*call_fn)(TVMFFIObjectHandle, TVMFFIAny*, int32_t, TVMFFIAny*);
 typedef int (*dec_ref_fn)(TVMFFIObjectHandle);
 
-#define STATS_SLOTS 16
+#define STATS_SLOTS 24
 
 static TVMFFIAny int_any(int64_t v) {
   TVMFFIAny a;
