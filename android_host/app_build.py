@@ -51,10 +51,12 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
               budget_mb: float = 0.0, collapse_gap_bytes: int = 0, max_request_bytes: int = REQUEST_BYTES,
               storage_file: str | None = None, whole_layers: str = "auto",
               sets: str | None = None, sparsity: float | None = None, o_direct: bool = True,
-              verify: bool = False, lookahead: int = 0, progress=None) -> dict:
+              verify: bool = False, lookahead: int = 0, profile: str | None = None, progress=None) -> dict:
     """Write APP/ (see the module) for `target`; returns app.json's contents.
-    budget_mb: DRAM for whole layers of the whole copy, read once at open (the last layers
-    that fit); collapse_gap_bytes, max_request_bytes: the planner's rule, from the device
+    budget_mb: DRAM for whole layers of the whole copy, read once at open (spread over the
+    layers read whole), and what is left of it for the bundles of sparse layers that fire most
+    often on the calibration text of `profile` (a `ripple profile` file of this checkpoint;
+    not needed when every sparse bundle fits); collapse_gap_bytes, max_request_bytes: the planner's rule, from the device
     profile storage_file (copied into the APP; android_host.interface derives both from its
     latency table); sets:
     "predicted" (default when the layout has predictor.npz) or "all" (every bundle of a
@@ -109,6 +111,10 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
         lookahead=tuple(int(j) for j in distance) if la is not None else (),
         lookahead_rank=int(la.a.shape[-1]) if la is not None else 0)
 
+    # what the DRAM budget holds, refused before minutes of compiling when it cannot be chosen
+    pinned = _pinned_layers(mode, copy, budget_mb)
+    left = int(budget_mb * (1 << 20)) - int(pinned.sum()) * (copy.layer_bytes if copy is not None else 0)
+    pinned_ids = _pinned_bundles(mode, left, layout.bundle_bytes, desc.d_ffn, profile, desc.source_hash)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     os.chmod(tmp, 0o755)
@@ -131,7 +137,6 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
         if copy is not None:
             _place(copy.path, tmp / WHOLE_FILE)
             _place(copy.path.with_name(WHOLE_MANIFEST), tmp / WHOLE_MANIFEST)
-        pinned = _pinned_layers(mode, copy, budget_mb)
         gap, request = int(collapse_gap_bytes), int(max_request_bytes)
         cfg = RuntimeConfig(
             bundles_file=MODEL_FILE if reads_bundles else None,
@@ -142,7 +147,7 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
             whole_offsets=np.asarray(copy.offsets if copy is not None else np.zeros(L), np.int64),
             whole_layer_bytes=copy.layer_bytes if copy is not None else 0, layer_mode=mode,
             logit_thresholds=np.asarray(predictor.thresholds if predictor is not None else np.zeros(L), np.float32),
-            pinned_layers=pinned, pinned_bundles=[np.zeros(0, np.int32) for _ in range(L)],
+            pinned_layers=pinned, pinned_bundles=pinned_ids,
             sets_all=predictor is None, queue_depth=queue_depth, read_ahead=read_ahead,
             collapse_gap_bytes=gap, max_request_bytes=request, o_direct=o_direct,
             lookahead=int(distance.max()) if la is not None else 0,
@@ -182,7 +187,8 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
                 "close": "ripple.rt.close()"},
             "layers": {"whole": [int(i) for i in np.flatnonzero(mode == LAYER_WHOLE)],
                        "sparse": [int(i) for i in np.flatnonzero(mode == LAYER_SPARSE)],
-                       "pinned_whole": [int(i) for i in np.flatnonzero(pinned)]},
+                       "pinned_whole": [int(i) for i in np.flatnonzero(pinned)],
+                       "pinned_bundles": [len(p) for p in pinned_ids]},
             # none: no sparse layer, every layer read whole from the whole copy
             # layer t's reads issued at layer t - lookahead[t]'s FFN input (0: at its own)
             "lookahead": [int(j) for j in distance] if la is not None else None,
@@ -195,7 +201,8 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
                    "max_request_bytes": request, "o_direct": o_direct, "verify": verify,
                    "storage_profile": STORAGE_FILE if storage_file is not None else None,
                    "budget_bytes": int(budget_mb * (1 << 20)),
-                   "pinned_bytes": int(pinned.sum()) * (copy.layer_bytes if copy is not None else 0)},
+                   "pinned_bytes": int(pinned.sum()) * (copy.layer_bytes if copy is not None else 0)
+                   + sum(len(p) for p in pinned_ids) * layout.bundle_bytes},
             "compile_seconds": round(compile_s, 2),
             "files": {}, "tvm": tvm.__version__,
         }
@@ -301,6 +308,37 @@ def _pinned_layers(mode: np.ndarray, copy, budget_mb: float) -> np.ndarray:
     k = min(int(budget_mb * (1 << 20)) // copy.layer_bytes, len(whole))
     pinned[whole[(np.arange(k) + 1) * len(whole) // (k + 1)]] = True
     return pinned
+
+
+def _pinned_bundles(mode: np.ndarray, budget_bytes: int, bundle_bytes: int, n: int, profile: str | None,
+                    source_hash: str) -> list[np.ndarray]:
+    """Per layer, the neuron ids of sparse layers held in DRAM (read once at open): every one
+    when they all fit `budget_bytes`, else the ones active most often on the profile's
+    calibration tokens, over all sparse layers at once (a hot neuron of one layer beats a
+    lukewarm one of another: each costs one bundle of DRAM and saves its reads)."""
+    L = len(mode)
+    sparse = np.flatnonzero(mode == LAYER_SPARSE)
+    k = max(budget_bytes, 0) // bundle_bytes
+    out = [np.zeros(0, np.int32) for _ in range(L)]
+    if k == 0 or len(sparse) == 0:
+        return out
+    if k >= len(sparse) * n:
+        for l in sparse:
+            out[l] = np.arange(n, dtype=np.int32)
+        return out
+    if profile is None:
+        raise AppError(f"--budget-mb holds {k} of the {len(sparse) * n} bundles of sparse layers: give the "
+                       "profile (--profile, as packed) to choose the ones that fire most often")
+    from ..tuning.profile import load_profile
+    p = load_profile(profile)
+    if p.source_hash != source_hash:
+        raise AppError(f"{profile}: profiled on another checkpoint than the layout's; give its own profile")
+    freq = np.stack([np.unpackbits(p.masks_calib[l], axis=-1, count=n).mean(axis=0) for l in sparse])  # (S, n)
+    top = np.argsort(-freq, axis=None, kind="stable")[:k]
+    rows, ids = np.unravel_index(top, freq.shape)
+    for r, l in enumerate(sparse):
+        out[l] = np.sort(ids[rows == r]).astype(np.int32)
+    return out
 
 
 def _place(src: Path, dest: Path) -> None:

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buffered", action="store_true", help="read through the page cache (not flash timing)")
     p.add_argument("--verify", action="store_true",
                    help="the runtime checks every block it reads against its CRC from `ripple pack` (CPU per byte read)")
+    p.add_argument("--profile",
+                   help="the profile the layout was packed from: --budget-mb pins the bundles of sparse layers "
+                        "that fire most often on its calibration text")
     p.add_argument("--lookahead", type=_count, default=0, metavar="J",
                    help="issue each sparse layer's reads J layers early, predicted by lookahead.npz beside the "
                         "predictor (`ripple train-predictor --lookahead J`); its own set's misses read on demand")
@@ -298,7 +301,8 @@ def _run_compile(args) -> None:
     from .app_cmds import compile_cmd
     print(json.dumps(compile_cmd(args.out, args.layout, args.model, args.target, args.work, args.kv_dtype,
                                  args.queue_depth, args.read_ahead, args.budget_mb, args.storage,
-                                 args.whole_layers, args.sets, not args.buffered, args.verify, args.lookahead),
+                                 args.whole_layers, args.sets, not args.buffered, args.verify, args.lookahead,
+                                 args.profile),
                      indent=1))
 
 

@@ -78,3 +78,29 @@ def test_compile_lookahead_without_the_predictors_is_one_line(layouts, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lookahead.npz" in err[0] and "--lookahead 1" in err[0]
     assert not (tmp_path / "app").exists()
+
+
+def test_a_dram_budget_pins_the_hottest_bundles_of_sparse_layers(layouts):
+    tmp, apps = layouts
+    prompt = [5, 9, 13]
+    same, _ = _run(apps[0], prompt, 6)
+    info = json.loads((apps[0] / APP_FILE).read_text())
+    bb, n, L = info["bundle"], info["model"]["d_ffn"], info["model"]["layers"]
+    from ripple.layout.reader import open_layout
+    bundle_bytes = open_layout(tmp / "layout").bundle_bytes
+    # Every bundle fits: the FFN is in DRAM, nothing is read, the same ids come out.
+    dram = tmp / "app-dram"
+    compile_cmd(str(dram), layout=str(tmp / "layout"), budget_mb=L * n * bundle_bytes / (1 << 20), lookahead=1)
+    got, st = _run(dram, prompt, 6)
+    assert got.ids == same.ids and all(s.bytes_read == 0 for s in got.steps)
+    assert st[PF_BYTES] == 0 and st[MISSES] == 0 and st[CACHE_HITS] == st[ACTIVE] > 0
+    # A quarter of them: the profile's most frequent, hits counted, the same ids.
+    part = tmp / "app-part"
+    budget = L * n * bundle_bytes / 4 / (1 << 20)
+    with pytest.raises(Exception, match="--profile"):
+        compile_cmd(str(part), layout=str(tmp / "layout"), budget_mb=budget)
+    compile_cmd(str(part), layout=str(tmp / "layout"), budget_mb=budget, profile=str(tmp / "profile.npz"))
+    pinned = json.loads((part / APP_FILE).read_text())["layers"]["pinned_bundles"]
+    assert sum(pinned) == L * n // 4 and bb
+    got, st = _run(part, prompt, 6)
+    assert got.ids == same.ids and 0 < st[CACHE_HITS] < st[ACTIVE]

@@ -78,7 +78,7 @@ def row_set(rows: np.ndarray) -> set[bytes]:
 
 
 def stats(rt) -> np.ndarray:
-    out = tvm.runtime.tensor(np.zeros(16, np.float64))
+    out = tvm.runtime.tensor(np.zeros(24, np.float64))
     rt["stats"](out)
     return out.numpy()
 
@@ -280,7 +280,7 @@ def test_bad_calls_are_one_line_errors(rt, layout):
         (ValueError, r"ripple.rt.fetch: logits must have shape \(T, 300\), got \(1, 299\)",
          lambda: rt["fetch"](0, tvm.runtime.tensor(np.zeros((1, N - 1), np.float32)))),
         (TypeError, r"ripple.rt.fetch: takes 2 arguments, got 1", lambda: rt["fetch"](0)),
-        (ValueError, r"ripple.rt.stats: out must have shape \(16,\) float64",
+        (ValueError, r"ripple.rt.stats: out must have shape \(24,\) float64",
          lambda: rt["stats"](tvm.runtime.tensor(np.zeros(4, np.float64)))),
     ]
     for kind, says, call in cases:
@@ -298,11 +298,11 @@ def test_bad_files_are_one_line_errors_at_open(rt, layout, tmp_path):
     (tmp_path / "magic.cfg").write_bytes(b"GGUF" + raw[4:])
     (tmp_path / "short.cfg").write_bytes(raw[:-5])
     # slot_of[2, 0] = slot_of[2, 1], past the Python writer's own check: names of 24 bytes, then
-    # three int64 and one float32 array of L
-    slots = np.frombuffer(raw, np.int32, L * N, HEADER.size + 24 + L * 28).copy()
+    # three int64 and two float32 arrays of L
+    slots = np.frombuffer(raw, np.int32, L * N, HEADER.size + 24 + L * 32).copy()
     slots[2 * N] = slots[2 * N + 1]
-    (tmp_path / "slots.cfg").write_bytes(raw[:HEADER.size + 24 + L * 28] + slots.tobytes()
-                                         + raw[HEADER.size + 24 + L * 28 + slots.nbytes:])
+    (tmp_path / "slots.cfg").write_bytes(raw[:HEADER.size + 24 + L * 32] + slots.tobytes()
+                                         + raw[HEADER.size + 24 + L * 32 + slots.nbytes:])
     cases = [
         (str(tmp_path / "none.cfg"), r"none.cfg: open failed: No such file or directory"),
         (str(tmp_path / "magic.cfg"), r"magic.cfg is not a ripple runtime config \(bad magic\)"),

@@ -44,7 +44,7 @@ RT_SOURCE = r"""
 #include <tvm/ffi/function.h>
 namespace ffi = tvm::ffi;
 static std::vector<float> table;
-static double st[16];
+static double st[24];
 __attribute__((constructor)) static void register_globals() {
   ffi::Function::SetGlobal("ripple.rt.open", ffi::Function::FromTyped([](ffi::String path) {
     std::ifstream f(std::string(path), std::ios::binary | std::ios::ate);
