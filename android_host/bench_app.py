@@ -40,11 +40,13 @@ class AppRecipe:
     kv_dtype: str
     whole_layers: str             # app_build.WHOLE_LAYERS
     sets: str | None              # None: predicted when the layout has a predictor
+    lookahead: int = 0            # sparse layers' reads issued this many layers early (app_build)
+    profile: str | None = None    # the budget pins the bundles of sparse layers hottest on its text
 
     def key(self) -> str:
         sha = hashlib.sha256(Path(self.storage_file).read_bytes()).hexdigest()
         return cache_key(Path(self.layout_dir).name, f"{self.budget_mb:.6f}", sha, self.kv_dtype,
-                         self.whole_layers, self.sets)
+                         self.whole_layers, self.sets, self.lookahead, self.profile)
 
 
 def save_storage(storage, cdir: Path, budget_bytes: int, details: dict) -> Path:
@@ -64,15 +66,21 @@ def save_storage(storage, cdir: Path, budget_bytes: int, details: dict) -> Path:
 
 
 def recipes(layout_dir: str, whole_copy: bool, budget_bytes: int, storage_file: Path, kv_dtype: str,
-            configs) -> dict:
+            configs, profile: str | None = None, lookahead: int = 0, ffn_bytes: int = 0) -> dict:
     """Per configuration, the APP it runs. ours and native: the layout as `ripple compile`
     builds it by default (layers read whole when there is a whole copy, else predicted sets),
-    the DRAM budget as pinned whole layers. ours-dense: every FFN byte read every token, no
+    the DRAM budget as pinned whole layers, or as the sparse layers' hottest bundles on the
+    profile's text. lookahead: ours with each sparse layer's reads issued `lookahead` layers
+    early. ours-dram: ours with every FFN byte (`ffn_bytes`) in DRAM, read once at open: the
+    same engine with nothing to read. ours-dense: every FFN byte read every token, no
     budget: every layer read whole from the copy, or every bundle (sets all) without one."""
-    ours = AppRecipe(layout_dir, budget_bytes / (1 << 20), str(storage_file), kv_dtype, "auto", None)
+    mb = budget_bytes / (1 << 20)
+    ours = AppRecipe(layout_dir, mb, str(storage_file), kv_dtype, "auto", None, 0, profile)
     dense = AppRecipe(layout_dir, 0.0, str(storage_file), kv_dtype, "all" if whole_copy else "none",
                       None if whole_copy else "all")
-    table = {"ours": ours, "native": ours, "ours-dense": dense}
+    table = {"ours": ours, "native": ours, "ours-dense": dense,
+             "lookahead": AppRecipe(layout_dir, mb, str(storage_file), kv_dtype, "none", None, lookahead, profile),
+             "ours-dram": AppRecipe(layout_dir, ffn_bytes / (1 << 20), str(storage_file), kv_dtype, "auto", None)}
     return {c: table[c] for c in configs if c in table}
 
 
@@ -86,6 +94,7 @@ def prepare_apps(model: str, cdir: Path, wanted: dict, source_hash: str, predict
     this checkpoint that no configuration of this run uses are removed."""
     from ..compile.app_files import AppError, load_app_json
     from .app_build import build_app
+    from ..tuning.lookahead import LOOKAHEAD_FILE
     from ..tuning.predictor import PREDICTOR_FILE
     from .app_cmds import storage_rule
     dirs = {name: app_path(cdir, r) for name, r in wanted.items()}
@@ -110,12 +119,17 @@ def prepare_apps(model: str, cdir: Path, wanted: dict, source_hash: str, predict
         # LAYOUT` leaves it; the bench trains it into its cache, keyed by the profile.
         if predictor and not (Path(r.layout_dir) / PREDICTOR_FILE).is_file():
             _link(Path(predictor), Path(r.layout_dir) / PREDICTOR_FILE)
+        ahead = Path(predictor).with_name(f"{Path(predictor).stem}-{LOOKAHEAD_FILE}") if predictor else None
+        if r.lookahead and ahead is not None and ahead.is_file():
+            (Path(r.layout_dir) / LOOKAHEAD_FILE).unlink(missing_ok=True)
+            _link(ahead, Path(r.layout_dir) / LOOKAHEAD_FILE)
         print(f"bench e2e: compiling the {name} APP into {out}", file=sys.stderr)
         # As `ripple compile --layout L --storage F` (app_cmds.compile_cmd), with the checkpoint given.
         gap, request, storage_file = storage_rule(r.storage_file, queue_depth, r.layout_dir)
         build_app(r.layout_dir, str(out), model=model, kv_dtype=r.kv_dtype, queue_depth=queue_depth,
                   read_ahead=read_ahead, budget_mb=r.budget_mb, collapse_gap_bytes=gap, max_request_bytes=request,
-                  storage_file=storage_file, whole_layers=r.whole_layers, sets=r.sets)
+                  storage_file=storage_file, whole_layers=r.whole_layers, sets=r.sets, lookahead=r.lookahead,
+                  profile=r.profile)
     return {name: str(d) for name, d in dirs.items()}
 
 
@@ -174,6 +188,10 @@ def app_worker(app_dir: str, prompt_ids: list[int], tokens: int, threads: int, s
     return {"token_ms": gen.token_ms, "io_ms": [st.io_wait_s * 1e3 for st in gen.steps],
             "bytes_read": [st.bytes_read for st in gen.steps], "bytes_needed": [st.bytes_needed for st in gen.steps],
             "active": [st.active for st in gen.steps], "outside_ms": gen.outside_ms,
+            "prefetched_bytes": [st.prefetched_bytes for st in gen.steps], "misses": [st.misses for st in gen.steps],
+            "unused_bytes": [st.unused_bytes for st in gen.steps],
+            "queue_depth_mean": [st.queue_depth_mean for st in gen.steps],
+            "queue_depth_max": max([st.queue_depth_max for st in gen.steps], default=0),
             "prefill_ms": gen.prefill_ms, "prefill_tokens": len(prompt_ids), "ids": gen.ids,
             "rss_bytes": rss, "peak_rss_bytes": peak, "resident": {**dram, "total": sum(dram.values())},
             "ppl": ppl, "ppl_source": PPL_APP if seqs else None, "o_direct": o_direct,

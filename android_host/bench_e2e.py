@@ -17,7 +17,15 @@ Configurations (CONFIGS):
 - ours-dense:        the same engine with no DRAM budget reading every FFN byte every token
                      (every layer read whole from the copy, or every bundle without one);
 - native:            the `ours` APP run by APP/ripple-run, a process with no Python in it: its
-                     peak RSS is the one to put beside llama.cpp's.
+                     peak RSS is the one to put beside llama.cpp's;
+- lookahead:         `ours` with every layer sparse and each one's reads issued --lookahead
+                     layers early (ripple.rt.prefetch, predicted by tuning.lookahead), its own
+                     set's misses read on demand; per token also what was prefetched, the
+                     misses, the bytes read for no neuron used and the queue depth reached;
+- ours-dram:         `ours` with every FFN byte in DRAM (read once at open): the same engine
+                     with nothing to read, what lookahead is held to.
+A checkpoint that is not a GGUF (a Hugging Face folder, e.g. relu-tiny) runs the APP
+configurations only: llama.cpp reads GGUF files.
 The APPs are built and cached by android_host.bench_app.
 
 Each configuration runs in its own process (spawned, or ripple-run itself), so its RSS is its
@@ -39,13 +47,18 @@ from pathlib import Path
 
 from .bench_io import cache_key, cached_manifest
 
-CONFIGS = ("llamacpp-warm", "llamacpp-cold", "llamacpp-ffn-cold", "ours", "ours-dense", "native")
-APP_CONFIGS = ("ours", "ours-dense", "native")
+CONFIGS = ("llamacpp-warm", "llamacpp-cold", "llamacpp-ffn-cold", "ours", "ours-dense", "native", "lookahead",
+           "ours-dram")
+APP_CONFIGS = ("ours", "ours-dense", "native", "lookahead", "ours-dram")
+DEFAULT_CONFIGS = {"gguf": CONFIGS[:6], "folder": ("ours", "lookahead", "ours-dram", "native")}
+LOOKAHEAD = 3              # layers ahead a sparse layer's reads are issued (the lookahead config)
 LLAMA_EVICTION = {"llamacpp-warm": "none", "llamacpp-cold": "file", "llamacpp-ffn-cold": "ffn"}
 CONFIG_KEYS = ("per_token_ms_median", "per_token_ms_p90", "io_ms", "compute_ms", "bytes_read_per_token",
                "model_bytes_resident", "rss_bytes", "ppl", "evicted_verified")
 # Beside CONFIG_KEYS in every row (None where a configuration has no such figure).
-EXTRA_KEYS = ("prefill_tokens_per_s", "peak_rss_bytes", "outside_ms_median", "ppl_source", "ids")
+EXTRA_KEYS = ("prefill_tokens_per_s", "peak_rss_bytes", "outside_ms_median", "ppl_source", "ids",
+              "unused_bytes_per_token", "prefetched_bytes_per_token", "misses_per_token", "queue_depth_mean",
+              "queue_depth_max")
 # The Python engine's held-out perplexity (runtime_py.engine) is measured once beside the
 # compiled engine's, as the check that compiling kept the model's quality: it keeps the TVM
 # kernels on the bundles as read.
@@ -66,6 +79,10 @@ TARGETS = {
     "dram_over_llamacpp_warm": ("ours", "model_bytes_resident", "llamacpp-warm", "model_bytes_resident", 0.6),
     "native_peak_rss_over_llamacpp_rss": ("native", "peak_rss_bytes", "llamacpp-warm", "rss_bytes", 1.0),
     "ppl_over_python_engine": ("ours", "ppl", "python-engine", "ppl", 1.02),
+    # issue 25 (lookahead), on a sparse model
+    "lookahead_over_ours_dram": ("lookahead", "per_token_ms_median", "ours-dram", "per_token_ms_median", 1.3),
+    "lookahead_io_over_ours_io": ("lookahead", "io_ms", "ours", "io_ms", 0.5),
+    "lookahead_ppl_over_ours": ("lookahead", "ppl", "ours", "ppl", 1.01),
 }
 
 
@@ -89,7 +106,8 @@ def register(bench_sub):
     p = bench_sub.add_parser("e2e", help="llama.cpp (warm, cold, FFN-cold) against the compiled flash engine "
                                          "(in-process and ripple-run): per-token ms, bytes, DRAM, RSS, "
                                          "perplexity (JSON + PNG)")
-    p.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M GGUF)")
+    p.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M GGUF), or a Hugging Face folder "
+                                   "(the APP configurations only)")
     p.add_argument("--json", required=True, help="results JSON (a PNG is written beside it)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="one prompt, wrapped in the chat template")
     p.add_argument("--tokens", type=int, default=48, help=f"tokens timed per configuration (>= {MIN_TOKENS})")
@@ -103,7 +121,11 @@ def register(bench_sub):
     p.add_argument("--budget", type=float, default=0.10,
                    help="ours' DRAM for FFN weights (whole layers pinned), fraction of FFN bytes (default 0.10)")
     p.add_argument("--queue-depth", type=int, default=32)
-    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", choices=CONFIGS,
+                   help=f"default: {' '.join(DEFAULT_CONFIGS['gguf'])} for a GGUF, "
+                        f"{' '.join(DEFAULT_CONFIGS['folder'])} for a folder")
+    p.add_argument("--lookahead", type=int, default=LOOKAHEAD,
+                   help=f"the lookahead configuration's layers ahead (default {LOOKAHEAD})")
     p.add_argument("--cache-dir", default="build/cache/e2e", help="profile, predictor, layout, APPs, probe file")
     p.add_argument("--quick-probe", action="store_true", help="small storage probe and fio check (tests)")
     p.add_argument("--rounds", type=int, default=1,
@@ -118,7 +140,8 @@ def run_local(args) -> None:
     r = bench_e2e_cmd(model=args.model, json_out=args.json, prompt=args.prompt, tokens=args.tokens,
                       threads=args.threads, dtype=args.dtype, sparsity=args.sparsity, profile=args.profile,
                       budget=args.budget, queue_depth=args.queue_depth, configs=args.configs,
-                      cache_dir=args.cache_dir, quick_probe=args.quick_probe, rounds=args.rounds)
+                      cache_dir=args.cache_dir, quick_probe=args.quick_probe, rounds=args.rounds,
+                      lookahead=args.lookahead)
     print_table(r)
 
 
@@ -159,9 +182,10 @@ class OursSetup:
 
 
 def prepare_ours(path: Path, desc, cdir: Path, dtype: str, sparsity: float | None, budget: float,
-                 queue_depth: int, storage, profile: str | None) -> OursSetup:
-    """Profile (with FFN inputs), predictor, `ours` placement and tuned strategy, and the
-    flash file packed in that placement and dtype; each cached in cdir."""
+                 queue_depth: int, storage, profile: str | None, lookahead: int = 0) -> OursSetup:
+    """Profile (with FFN inputs), predictor (and with lookahead J > 0 its lookahead
+    predictors, 1..J layers ahead), `ours` placement and tuned strategy, and the flash file
+    packed in that placement and dtype; each cached in cdir."""
     import numpy as np
 
     from ..layout.bundle import BundleSpec
@@ -226,11 +250,21 @@ def prepare_ours(path: Path, desc, cdir: Path, dtype: str, sparsity: float | Non
         predictor = str(cdir / f"predictor-{cache_key(Path(profile).resolve(), Path(profile).stat().st_mtime_ns)}.npz")
     except ProfileError:       # a profile without FFN inputs: oracle sets (the JSON says which)
         predictor = None
-    if predictor and not Path(predictor).is_file():
-        print(f"bench e2e: training the activation predictor into {predictor}", file=sys.stderr)
-        train_predictor_cmd(profile, predictor, model=str(path))
+    if predictor and (not Path(predictor).is_file() or not _has_lookahead(predictor, lookahead)):
+        print(f"bench e2e: training the activation predictor{' and its lookahead' if lookahead else ''} "
+              f"into {predictor}", file=sys.stderr)
+        train_predictor_cmd(profile, predictor, model=str(path), lookahead=lookahead)
     return OursSetup(str(path), str(layout_dir), profile, predictor, s, tuned, storage, budget_bytes,
                      float(wl.sparsity), dtype, whole)
+
+
+def _has_lookahead(predictor: str, J: int) -> bool:
+    """The lookahead predictors beside `predictor` cover 1..J layers ahead (J 0: none needed)."""
+    from ..tuning.lookahead import LOOKAHEAD_FILE, load_lookahead
+    if not J:
+        return True
+    file = Path(predictor).with_name(f"{Path(predictor).stem}-{LOOKAHEAD_FILE}")
+    return file.is_file() and set(range(1, J + 1)) <= set(load_lookahead(file).distances)
 
 
 # ---------------------------------------------------------------- workers (one process each)
@@ -355,6 +389,13 @@ def config_row(name: str, raw: dict, warm_ms: float | None) -> dict:
         source = raw["ppl_source"]
         outside = None if raw.get("outside_ms") is None else _pct(raw["outside_ms"], 50)
     prefill = raw.get("prefill_ms")
+    ahead = {}
+    if "prefetched_bytes" in raw:           # the APP in this process: the runtime's lookahead counters
+        ahead = {"unused_bytes_per_token": int(_pct(raw["unused_bytes"], 50)),
+                 "prefetched_bytes_per_token": int(_pct(raw["prefetched_bytes"], 50)),
+                 "misses_per_token": _round(np.mean(raw["misses"]), 2),
+                 "queue_depth_mean": _round(np.mean(raw["queue_depth_mean"]), 2),
+                 "queue_depth_max": int(raw["queue_depth_max"])}
     return {"per_token_ms_median": round(med, 3), "per_token_ms_p90": round(_pct(raw["token_ms"], 90), 3),
             "io_ms": _round(io), "compute_ms": _round(compute),
             "bytes_read_per_token": int(_pct(raw["bytes_read"], 50)), "model_bytes_resident": resident,
@@ -362,7 +403,8 @@ def config_row(name: str, raw: dict, warm_ms: float | None) -> dict:
             "prefill_tokens_per_s": None if not prefill else round(raw["prefill_tokens"] / prefill * 1e3, 2),
             "peak_rss_bytes": None if raw.get("peak_rss_bytes") is None else int(raw["peak_rss_bytes"]),
             "outside_ms_median": _round(outside, 4), "ppl_source": source,
-            "ids": [int(i) for i in raw["tokens"]]}
+            "ids": [int(i) for i in raw["tokens"]],
+            **{k: ahead.get(k) for k in EXTRA_KEYS[5:]}}
 
 
 def median_rounds(rounds: list[dict]) -> dict:
@@ -445,15 +487,24 @@ def bytes_by_sparsity(grid, ffn_bytes: int, seq_bytes_per_s: float, configs: dic
 def bench_e2e_cmd(model: str | None = None, json_out: str | None = None, prompt: str = DEFAULT_PROMPT,
                   tokens: int = 48, threads: int | None = None, dtype: str | None = None,
                   sparsity: float | None = None, profile: str | None = None, budget: float = 0.10,
-                  queue_depth: int = 32, configs=CONFIGS, cache_dir: str = "build/cache/e2e",
-                  quick_probe: bool = False, rounds: int = 1) -> dict:
+                  queue_depth: int = 32, configs=None, cache_dir: str = "build/cache/e2e",
+                  quick_probe: bool = False, rounds: int = 1, lookahead: int = LOOKAHEAD) -> dict:
     from .bench_io import BenchError
+    from ..tuning.checkpoint import default_model_path
     if rounds < 1:
         raise BenchError(f"--rounds {rounds}: at least 1")
+    if lookahead < 1:
+        raise BenchError(f"--lookahead {lookahead}: at least 1 layer ahead")
+    path = Path(model) if model else default_model_path()
+    gguf = path.suffix == ".gguf"
+    configs = DEFAULT_CONFIGS["gguf" if gguf else "folder"] if configs is None else configs
     unknown = set(configs) - set(CONFIGS)
     if unknown:
         raise BenchError(f"--configs {' '.join(sorted(unknown))}: choose from {', '.join(CONFIGS)}")
     configs = [c for c in CONFIGS if c in set(configs)]
+    if not gguf and any(c in LLAMA_EVICTION for c in configs):
+        raise BenchError(f"{path}: llama.cpp reads GGUF files; for a folder choose --configs from "
+                         f"{' '.join(APP_CONFIGS)}")
     if any(c.startswith("llamacpp") for c in configs):
         from .llamacpp_decode import require_llama_cpp
         require_llama_cpp()                       # one line, before minutes of preparation
@@ -471,22 +522,22 @@ def bench_e2e_cmd(model: str | None = None, json_out: str | None = None, prompt:
 
     from tqdm import tqdm
 
-    from ..tuning.checkpoint import default_model_path, load_model, load_tokenizer
+    from ..tuning.checkpoint import load_model, load_tokenizer
     from ..tuning.profile import load_profile
     from .page_eviction import gguf_tensor_ranges
     from .probe import probe_storage
 
     t_start = time.perf_counter()
-    path = Path(model) if model else default_model_path()
-    if path.suffix != ".gguf":
-        raise BenchError(f"{path}: bench e2e runs llama.cpp beside ours on one GGUF; pass a .gguf file")
     cdir = Path(cache_dir)
     cdir.mkdir(parents=True, exist_ok=True)
     desc = load_model(path)
     tok = load_tokenizer(path)
-    prompt_ids = [int(i) for i in tok.apply_chat_template([{"role": "user", "content": prompt}],
-                                                          add_generation_prompt=True, tokenize=True,
-                                                          return_dict=False)]
+    if getattr(tok, "chat_template", None):
+        prompt_ids = [int(i) for i in tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                                              add_generation_prompt=True, tokenize=True,
+                                                              return_dict=False)]
+    else:                       # a base model (relu-tiny): the prompt as it is
+        prompt_ids = [int(i) for i in tok.encode(prompt)]
     notes = []
     if tokens < MIN_TOKENS:
         notes.append(f"only {tokens} tokens per configuration (the issue asks for >= {MIN_TOKENS})")
@@ -502,13 +553,15 @@ def bench_e2e_cmd(model: str | None = None, json_out: str | None = None, prompt:
     setup, apps, app_info, ppl_python = None, {}, {}, None
     if any(c in APP_CONFIGS for c in configs):
         from . import bench_app
-        setup = prepare_ours(path, desc, cdir, dtype, sparsity, budget, queue_depth, storage, profile)
+        setup = prepare_ours(path, desc, cdir, dtype, sparsity, budget, queue_depth, storage, profile,
+                             lookahead if "lookahead" in configs else 0)
         profile = setup.profile
         # The APP plans its reads with this run's disk: the probe as a device profile file.
         storage_file = bench_app.save_storage(storage, cdir, setup.budget_bytes,
                                               {"probe": fio["probe"], "engine": probe.engine})
         wanted = bench_app.recipes(setup.layout_dir, setup.whole_copy, setup.budget_bytes, storage_file,
-                                   KV_DTYPE, configs)
+                                   KV_DTYPE, configs, setup.profile, lookahead,
+                                   desc.n_layers * desc.d_ffn * _bundle_bytes(setup.layout_dir))
         apps = bench_app.prepare_apps(str(path), cdir, wanted, desc.source_hash, setup.predictor,
                                       queue_depth, READ_AHEAD)
         app_info = {name: bench_app.describe(apps[name], wanted[name]) for name in apps}
@@ -516,7 +569,7 @@ def bench_e2e_cmd(model: str | None = None, json_out: str | None = None, prompt:
         raise BenchError("the llama.cpp configurations alone still need the held-out text: pass --profile")
     prof = load_profile(profile)
     seqs = [s.tolist() for s in prof.sequences("heldout")]
-    llama_path = private_copy(path, cdir)
+    llama_path = private_copy(path, cdir) if gguf else None
 
     per_round = []
     runs = [(r, name) for r in range(rounds) for name in configs]
@@ -568,11 +621,11 @@ def bench_e2e_cmd(model: str | None = None, json_out: str | None = None, prompt:
                      "(greedy, same GGUF blocks; the sums' order differs)")
 
     # What the ratios rest on, and why a target is or is not reached on this model.
-    ffn_ranges = gguf_tensor_ranges(llama_path)
-    gguf_ffn = int(ffn_ranges[:, 1].sum())
-    file_bytes = llama_path.stat().st_size
+    gguf_ffn = int(gguf_tensor_ranges(llama_path)[:, 1].sum()) if gguf else None
+    file_bytes = llama_path.stat().st_size if gguf else None
     details = {"dtype": dtype if setup else None, "tokens": tokens, "sparsity": setup.sparsity if setup else None,
-               "gguf_bytes": file_bytes, "gguf_ffn_bytes": gguf_ffn, "gguf_non_ffn_bytes": file_bytes - gguf_ffn,
+               "gguf_bytes": file_bytes, "gguf_ffn_bytes": gguf_ffn,
+               "gguf_non_ffn_bytes": None if not gguf else file_bytes - gguf_ffn, "lookahead": lookahead,
                "load_average": os.getloadavg()[0], "tvm_bind_threads": os.environ.get("TVM_BIND_THREADS"),
                "seconds": None, "apps": app_info}
     for name, r in raw.items():
@@ -715,6 +768,11 @@ def print_table(r: dict) -> None:
               f"{v['bytes_read_per_token'] / 1e6:8.2f} {v['model_bytes_resident'] / 1e6:9.1f} "
               f"{v['rss_bytes'] / 1e6:8.1f} {fmt(v['peak_rss_bytes'] and v['peak_rss_bytes'] / 1e6, '8.1f')} "
               f"{fmt(v['prefill_tokens_per_s'], '9.1f')} {fmt(v['ppl'], '8.3f')} {str(v['evicted_verified']):>8}")
+    for k, v in r["configs"].items():
+        if v.get("prefetched_bytes_per_token") is not None:
+            print(f"{k:>18} per token: {v['prefetched_bytes_per_token'] / 1e3:.1f} kB prefetched, "
+                  f"{v['unused_bytes_per_token'] / 1e3:.1f} kB read for no neuron used, {v['misses_per_token']} "
+                  f"bundles read on demand; queue depth mean {v['queue_depth_mean']}, max {v['queue_depth_max']}")
     if r.get("ppl_python_engine"):
         print(f"{'python engine':>18} ppl {r['ppl_python_engine']['ppl']:.3f} ({r['ppl_python_engine']['source']})")
     for k, t in r.get("targets", {}).items():

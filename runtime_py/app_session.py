@@ -23,6 +23,7 @@ from ..compile.app_params import read_params
 # ripple.rt.stats slots (compile/native/flash_runtime.c).
 STATS = 24
 IO_WAIT, READ_S, BYTES_READ, BYTES_NEEDED, READS, ACTIVE, CACHE_HITS, FETCHES, WHOLES, PINNED, BUFFERS, O_DIRECT = range(12)
+PREFETCHES, PF_BYTES, PF_USED, PF_UNUSED, MISSES, QD_MAX, QD_SUM, QD_SAMPLES, PF_WAIT = range(15, 24)
 
 
 @dataclass
@@ -35,12 +36,28 @@ class StepIO:
     reads: int
     active: int
     cache_hits: int
+    # lookahead (ripple.rt.prefetch): bytes its reads took, bundles of the layers' own sets read
+    # on demand, prefetched bundles no set used; requests in flight as each one started
+    prefetched_bytes: int = 0
+    misses: int = 0
+    prefetched_unused: int = 0
+    queue_depth_mean: float = 0.0
+    queue_depth_max: int = 0          # since the runtime opened
+
+    @property
+    def unused_bytes(self) -> int:
+        """Bytes read for no neuron the step used: a prefetch's false positives, gaps collapsed
+        into a read, alignment (bytes needed less the hits served from DRAM, as read)."""
+        per = self.bytes_needed / self.active if self.active else 0.0
+        return int(round(self.bytes_read - (self.active - self.cache_hits) * per))
 
     @classmethod
     def between(cls, a: np.ndarray, b: np.ndarray) -> "StepIO":
         d = b - a
         return cls(float(d[IO_WAIT]), float(d[READ_S]), int(d[BYTES_READ]), int(d[BYTES_NEEDED]),
-                   int(d[READS]), int(d[ACTIVE]), int(d[CACHE_HITS]))
+                   int(d[READS]), int(d[ACTIVE]), int(d[CACHE_HITS]), int(d[PF_BYTES]), int(d[MISSES]),
+                   int(d[PF_UNUSED]), float(d[QD_SUM] / d[QD_SAMPLES]) if d[QD_SAMPLES] else 0.0,
+                   int(b[QD_MAX]))
 
 
 @dataclass

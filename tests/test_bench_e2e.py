@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ripple.android_host import bench_app, bench_e2e
-from ripple.android_host.bench_e2e import (CONFIG_KEYS, CONFIGS, EXTRA_KEYS, TARGETS, assemble, median_rounds,
+from ripple.android_host.bench_e2e import (APP_CONFIGS, CONFIG_KEYS, CONFIGS, EXTRA_KEYS, TARGETS, assemble, median_rounds,
                                            prepare_ours, python_ppl_worker, targets)
 from ripple.android_host.cli import main
 from ripple.android_host.devices import load_device, published_table
@@ -57,7 +57,7 @@ def _raw(ms, shift=0.0, verified=True):
 def test_assembled_json_has_the_issue_shape_and_derives_llama_io_from_warm():
     ms = list(np.linspace(10, 20, 33))
     r = assemble("m", 12, 2, {"seq_MBps": 100.0}, _raw(ms))
-    assert set(r) == TOP_KEYS and list(r["configs"]) == list(CONFIGS)
+    assert set(r) == TOP_KEYS and list(r["configs"]) == list(CONFIGS[:6])
     for row in r["configs"].values():
         assert tuple(row) == ROW_KEYS
     json.dumps(r)                                                # plain JSON values only
@@ -127,10 +127,11 @@ def tiny(random_llama_dir, tmp_path_factory):
     save_profile(run_profile(to_torch(desc), calib, held, "coef", sparsity=0.5, grid=(0.0, 0.5),
                              record_inputs=True), d / "p.npz")
     storage = published_table(100.0, 20_000, 2000, [4096 << i for i in range(11)], [1, 2, 4, 8, 16, 32])
-    setup = prepare_ours(random_llama_dir, desc, d, "int8", None, 0.1, 4, storage, str(d / "p.npz"))
+    setup = prepare_ours(random_llama_dir, desc, d, "int8", None, 0.1, 4, storage, str(d / "p.npz"), lookahead=1)
     storage_file = bench_app.save_storage(storage, d, setup.budget_bytes, {"probe": "published figures"})
+    ffn = desc.n_layers * desc.d_ffn * bench_e2e._bundle_bytes(setup.layout_dir)
     wanted = bench_app.recipes(setup.layout_dir, setup.whole_copy, setup.budget_bytes, storage_file,
-                               bench_e2e.KV_DTYPE, CONFIGS)
+                               bench_e2e.KV_DTYPE, CONFIGS, setup.profile, 1, ffn)
     apps = bench_app.prepare_apps(str(random_llama_dir), d, wanted, desc.source_hash, setup.predictor, 4,
                                   bench_e2e.READ_AHEAD)
     return setup, [h.tolist() for h in held], d, wanted, apps, desc.source_hash
@@ -149,7 +150,7 @@ def test_the_measured_storage_is_saved_as_the_device_profile_the_apps_plan_with(
 def test_ours_and_native_run_one_app_and_dense_another(tiny):
     _, _, _, wanted, apps, _ = tiny
     assert apps["ours"] == apps["native"] != apps["ours-dense"]
-    assert set(wanted) == {"ours", "ours-dense", "native"}
+    assert set(wanted) == set(APP_CONFIGS)
     dense = json.loads((bench_app.Path(apps["ours-dense"]) / "app.json").read_text())
     assert dense["sets"] == "all" and dense["io"]["budget_bytes"] == 0
 
@@ -181,6 +182,26 @@ def test_the_app_configurations_decode_the_same_ids_and_count_what_they_hold(tin
     assert 0 < c["native"]["peak_rss_bytes"] < c["ours"]["peak_rss_bytes"]         # no Python in it
     assert c["ours"]["outside_ms_median"] >= 0 and c["ours"]["prefill_tokens_per_s"] > 0
     assert np.isfinite(c["ours"]["ppl"]) and c["ours-dense"]["ppl"] is None and c["native"]["ppl"] is None
+
+
+def test_lookahead_and_the_ffn_in_dram_decode_what_ours_decodes(tiny):
+    setup, seqs, _, _, apps, _ = tiny
+    prompt = [1, 5, 9, 13]
+    raw = {k: bench_app.app_worker(apps[k], prompt, 4, 1, seqs) for k in ("ours", "lookahead", "ours-dram")}
+    c = assemble("tiny", len(prompt), 1, {}, raw)["configs"]
+    assert c["lookahead"]["ids"] == c["ours"]["ids"] == c["ours-dram"]["ids"]
+    assert c["lookahead"]["ppl"] == pytest.approx(c["ours"]["ppl"], rel=1e-4)
+    assert raw["lookahead"]["active"] == raw["ours"]["active"]       # the same-layer predictor's sets
+    # the FFN in DRAM: nothing read, nothing prefetched
+    assert c["ours-dram"]["bytes_read_per_token"] == 0 and c["ours-dram"]["prefetched_bytes_per_token"] == 0
+    # layer 1 read ahead from layer 0's input; misses and unused bytes counted; the queue seen
+    row = c["lookahead"]
+    assert 0 < row["prefetched_bytes_per_token"] <= row["bytes_read_per_token"]
+    assert row["misses_per_token"] >= 0 and row["unused_bytes_per_token"] >= 0 and row["queue_depth_max"] >= 1
+    assert c["ours"]["prefetched_bytes_per_token"] == 0
+    t = targets(c)
+    assert t["lookahead_ppl_over_ours"]["ratio"] == pytest.approx(1.0, abs=1e-4)
+    assert t["lookahead_over_ours_dram"]["of"] == "lookahead.per_token_ms_median / ours-dram.per_token_ms_median"
 
 
 def test_the_compiled_engines_perplexity_is_the_python_engines(tiny):
