@@ -51,12 +51,16 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
               budget_mb: float = 0.0, collapse_gap_bytes: int = 0, max_request_bytes: int = REQUEST_BYTES,
               storage_file: str | None = None, whole_layers: str = "auto",
               sets: str | None = None, sparsity: float | None = None, o_direct: bool = True,
-              verify: bool = False, lookahead: int = 0, profile: str | None = None, progress=None) -> dict:
+              verify: bool = False, lookahead: int = 0, profile: str | None = None,
+              pinned_share: float | None = None, progress=None) -> dict:
     """Write APP/ (see the module) for `target`; returns app.json's contents.
     budget_mb: DRAM for whole layers of the whole copy, read once at open (spread over the
     layers read whole), and what is left of it for the bundles of sparse layers that fire most
     often on the calibration text of `profile` (a `ripple profile` file of this checkpoint;
-    not needed when every sparse bundle fits); collapse_gap_bytes, max_request_bytes: the planner's rule, from the device
+    not needed when every sparse bundle fits): `pinned_share` of it pinned, the rest an LRU of
+    what each sparse layer read (None: the share the storage model finds fastest on the
+    profile's calibration masks, with storage_file's latency table; 1 without one);
+    collapse_gap_bytes, max_request_bytes: the planner's rule, from the device
     profile storage_file (copied into the APP; android_host.interface derives both from its
     latency table); sets:
     "predicted" (default when the layout has predictor.npz) or "all" (every bundle of a
@@ -114,7 +118,12 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
     # what the DRAM budget holds, refused before minutes of compiling when it cannot be chosen
     pinned = _pinned_layers(mode, copy, budget_mb)
     left = int(budget_mb * (1 << 20)) - int(pinned.sum()) * (copy.layer_bytes if copy is not None else 0)
-    pinned_ids = _pinned_bundles(mode, left, layout.bundle_bytes, desc.d_ffn, profile, desc.source_hash)
+    share, share_source = _pinned_share(pinned_share, mode, left, layout, profile, storage_file, queue_depth)
+    pinned_ids = _pinned_bundles(mode, int(left * share), layout.bundle_bytes, desc.d_ffn, profile,
+                                 desc.source_hash)
+    n_sparse = int((mode == LAYER_SPARSE).sum())
+    lru = 0 if not n_sparse else min(desc.d_ffn, max(left - sum(map(len, pinned_ids)) * layout.bundle_bytes, 0)
+                                     // (n_sparse * layout.bundle_bytes))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     os.chmod(tmp, 0o755)
@@ -151,7 +160,7 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
             sets_all=predictor is None, queue_depth=queue_depth, read_ahead=read_ahead,
             collapse_gap_bytes=gap, max_request_bytes=request, o_direct=o_direct,
             lookahead=int(distance.max()) if la is not None else 0,
-            la_thresholds=_la_thresholds(la, distance) if la is not None else None)
+            la_thresholds=_la_thresholds(la, distance) if la is not None else None, lru_per_layer=int(lru))
         if verify:
             cfg.verify = True
             cfg.bundle_crc32, cfg.whole_crc32 = block_crc_tables(layout, copy)
@@ -188,7 +197,8 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
             "layers": {"whole": [int(i) for i in np.flatnonzero(mode == LAYER_WHOLE)],
                        "sparse": [int(i) for i in np.flatnonzero(mode == LAYER_SPARSE)],
                        "pinned_whole": [int(i) for i in np.flatnonzero(pinned)],
-                       "pinned_bundles": [len(p) for p in pinned_ids]},
+                       "pinned_bundles": [len(p) for p in pinned_ids], "lru_bundles_per_sparse_layer": int(lru),
+                       "pinned_share": share, "pinned_share_source": share_source},
             # none: no sparse layer, every layer read whole from the whole copy
             # layer t's reads issued at layer t - lookahead[t]'s FFN input (0: at its own)
             "lookahead": [int(j) for j in distance] if la is not None else None,
@@ -202,7 +212,7 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
                    "storage_profile": STORAGE_FILE if storage_file is not None else None,
                    "budget_bytes": int(budget_mb * (1 << 20)),
                    "pinned_bytes": int(pinned.sum()) * (copy.layer_bytes if copy is not None else 0)
-                   + sum(len(p) for p in pinned_ids) * layout.bundle_bytes},
+                   + (sum(len(p) for p in pinned_ids) + lru * n_sparse) * layout.bundle_bytes},
             "compile_seconds": round(compile_s, 2),
             "files": {}, "tvm": tvm.__version__,
         }
@@ -308,6 +318,33 @@ def _pinned_layers(mode: np.ndarray, copy, budget_mb: float) -> np.ndarray:
     k = min(int(budget_mb * (1 << 20)) // copy.layer_bytes, len(whole))
     pinned[whole[(np.arange(k) + 1) * len(whole) // (k + 1)]] = True
     return pinned
+
+
+def _pinned_share(share: float | None, mode: np.ndarray, budget_bytes: int, layout, profile: str | None,
+                  storage_file: str | None, queue_depth: int) -> tuple[float, str]:
+    """The share of the sparse layers' DRAM budget pinned (the rest LRU), and where it came
+    from: given, or the one of strategies.PINNED_SHARES whose modelled per-token I/O is least
+    on the profile's calibration masks (runtime_py.strategies.tune, the hybrid cache pinning
+    by frequency, planned with access collapse as the runtime reads)."""
+    if share is not None:
+        if not 0.0 <= share <= 1.0:
+            raise AppError(f"--pinned-share {share}: a fraction in [0, 1]")
+        return float(share), "given"
+    n_sparse = int((mode == LAYER_SPARSE).sum())
+    if not n_sparse or budget_bytes < n_sparse * layout.bundle_bytes \
+            or budget_bytes >= n_sparse * layout.perm.shape[1] * layout.bundle_bytes:
+        return 1.0, "nothing to share (no budget for the sparse layers, or all of them fit)"
+    if profile is None or storage_file is None:
+        return 1.0, "default: choosing it needs --profile and --storage"
+    from ..runtime_py.strategies import Strategy, tune
+    from ..tuning.profile import load_profile
+    from .devices import load_device
+    sparse = np.flatnonzero(mode == LAYER_SPARSE)
+    calib = load_profile(profile).masks("calib")[sparse]
+    s = Strategy("compiled", "ours", "collapse", "hybrid", pinned_share=None, pin_by="frequency")
+    best, notes = tune(s, calib, layout.perm[sparse], layout.bundle_bytes, budget_bytes,
+                       load_device(storage_file).storage, queue_depth)
+    return float(best.pinned_share), f"storage model on the profile's calibration masks: {notes.get('modelled_ms')}"
 
 
 def _pinned_bundles(mode: np.ndarray, budget_bytes: int, bundle_bytes: int, n: int, profile: str | None,

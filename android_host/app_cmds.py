@@ -76,7 +76,8 @@ def compile_cmd(out: str, layout: str | None = None, model: str | None = None, t
                 work: str | None = None, kv_dtype: str = "float16", queue_depth: int = 32,
                 read_ahead: int = 2, budget_mb: float = 0.0, storage: str | None = None,
                 whole_layers: str = "auto", sets: str | None = None, o_direct: bool = True,
-                verify: bool = False, lookahead: int = 0, profile: str | None = None) -> dict:
+                verify: bool = False, lookahead: int = 0, profile: str | None = None,
+                pinned_share: float | None = None) -> dict:
     """`ripple compile`: APP/ from --layout, or from --model through the offline steps (into
     --work, default build/work/<model name>)."""
     if (layout is None) == (model is None):
@@ -91,7 +92,7 @@ def compile_cmd(out: str, layout: str | None = None, model: str | None = None, t
                      read_ahead=read_ahead, budget_mb=budget_mb, collapse_gap_bytes=gap,
                      max_request_bytes=request, storage_file=storage_file, whole_layers=whole_layers,
                      sets=sets, o_direct=o_direct, verify=verify, lookahead=lookahead,
-                     profile=profile, progress=_say)
+                     profile=profile, pinned_share=pinned_share, progress=_say)
     return {"out": out, "target": target, "layers": info["layers"], "sets": info["sets"],
             "total_bytes": info["total_bytes"], "compile_seconds": info["compile_seconds"],
             "files": {k: v["bytes"] for k, v in info["files"].items()}, "runner": info["runner"]}

@@ -9,7 +9,7 @@ import json
 import sys
 
 from .flag_types import check_flags, check_paths, output_dir, output_file
-from .flag_types import fraction as _fraction, fraction_or_one as _fraction_or_one
+from .flag_types import fraction as _fraction, fraction_or_one as _fraction_or_one, share as _share
 from .flag_types import count as _count, nonneg_float as _nonneg_float, positive as _positive
 
 
@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile",
                    help="the profile the layout was packed from: --budget-mb pins the bundles of sparse layers "
                         "that fire most often on its calibration text")
+    p.add_argument("--pinned-share", type=_share,
+                   help="of --budget-mb's part for sparse layers, the share pinned (the rest an LRU of what "
+                        "they read); default: the one the storage model finds fastest on --profile with --storage")
     p.add_argument("--lookahead", type=_count, default=0, metavar="J",
                    help="issue each sparse layer's reads J layers early, predicted by lookahead.npz beside the "
                         "predictor (`ripple train-predictor --lookahead J`); its own set's misses read on demand")
@@ -302,7 +305,7 @@ def _run_compile(args) -> None:
     print(json.dumps(compile_cmd(args.out, args.layout, args.model, args.target, args.work, args.kv_dtype,
                                  args.queue_depth, args.read_ahead, args.budget_mb, args.storage,
                                  args.whole_layers, args.sets, not args.buffered, args.verify, args.lookahead,
-                                 args.profile),
+                                 args.profile, args.pinned_share),
                      indent=1))
 
 

@@ -10,13 +10,15 @@ that slot_of is a permutation per layer, that offsets are aligned and that the c
 tables cover every block it will read):
 
     magic           8 bytes  b"RPLRT001"
-    header          21 int64 version (3), file_bytes (the whole file's), n_layers L, n,
+    header          22 int64 version (3), file_bytes (the whole file's), n_layers L, n,
                              bundle_bytes, alignment, view_dtype (0 uint8, 1 int8, 2 float16),
                              whole_layer_bytes, sets_all, queue_depth, read_ahead,
                              collapse_gap_bytes, max_request_bytes (0: no limit), o_direct,
                              len(bundles_file), len(whole_file) (0: None), P (pinned bundles),
                              verify, B (bundle_crc32 entries), W (whole_crc32 entries),
-                             lookahead J (the farthest distance a layer is prefetched from; 0: none)
+                             lookahead J (the farthest distance a layer is prefetched from; 0: none),
+                             lru_per_layer (bundles each sparse layer keeps of what it read, least
+                             recently used out first; 0: none)
     names           bundles_file then whole_file, UTF-8, zero-padded together to 8 bytes
     region_offsets  int64 (L,)
     whole_offsets   int64 (L,)
@@ -53,7 +55,7 @@ from ..layout.reader import Layout, block_checks
 from ..layout.whole_copy import WholeCopy, whole_checks
 
 MAGIC, VERSION = b"RPLRT001", 3
-HEADER = struct.Struct("<8s21q")
+HEADER = struct.Struct("<8s22q")
 VIEW_DTYPES = ("uint8", "int8", "float16")     # the code is the index
 
 
@@ -92,6 +94,9 @@ class RuntimeConfig:
     # ripple.rt.prefetch; the farthest distance sizes the runtime's prefetch buffers.
     lookahead: int = 0
     la_thresholds: np.ndarray | None = None  # (L,) float32; None: +inf everywhere (no prefetch)
+    # The DRAM budget's dynamic part: each sparse layer keeps this many of the bundles it read
+    # (LRU), beside the pinned ones (runtime_py.cache's hybrid, per layer).
+    lru_per_layer: int = 0
 
 
 def block_crc_tables(layout: Layout, copy: WholeCopy | None) -> tuple[np.ndarray, np.ndarray]:
@@ -135,6 +140,8 @@ def _arrays(cfg: RuntimeConfig) -> dict[str, np.ndarray]:
     if not 0 <= cfg.lookahead < L or (np.isfinite(out["la_thresholds"]).any() and not cfg.lookahead):
         raise ValueError(f"runtime config: lookahead {cfg.lookahead} must lie in 0..{L - 1}, and be > 0 when "
                          "a layer is prefetched")
+    if not 0 <= cfg.lru_per_layer <= n:
+        raise ValueError(f"runtime config: lru_per_layer {cfg.lru_per_layer} must lie in 0..{n}")
     if cfg.view_dtype not in VIEW_DTYPES:
         raise ValueError(f"runtime config: view_dtype {cfg.view_dtype!r}, want one of {VIEW_DTYPES}")
     if not np.array_equal(np.sort(out["slot_of"], axis=1), np.broadcast_to(np.arange(n), (L, n))):
@@ -158,7 +165,8 @@ def write_runtime_config(path: str | os.PathLike, cfg: RuntimeConfig) -> None:
                        VIEW_DTYPES.index(cfg.view_dtype), cfg.whole_layer_bytes, int(cfg.sets_all),
                        cfg.queue_depth, cfg.read_ahead, cfg.collapse_gap_bytes, cfg.max_request_bytes,
                        int(cfg.o_direct), len(names[0]), len(names[1]), sum(len(p) for p in pins),
-                       int(cfg.verify), len(a["bundle_crc32"]), len(a["whole_crc32"]), int(cfg.lookahead))
+                       int(cfg.verify), len(a["bundle_crc32"]), len(a["whole_crc32"]), int(cfg.lookahead),
+                       int(cfg.lru_per_layer))
     with atomic_write(path) as f:
         f.write(head)
         for b in body:
@@ -171,7 +179,7 @@ def read_runtime_config(path: str | os.PathLike) -> RuntimeConfig:
     if len(raw) < HEADER.size or raw[:5] != MAGIC[:5]:
         raise ValueError(f"{path}: not a ripple runtime config (bad magic)")
     (magic, version, size, L, n, bb, align, vd, wlb, sets_all, qd, ra, gap, maxreq, od, s1, s2,
-     P, verify, B, W, J) = HEADER.unpack_from(raw)
+     P, verify, B, W, J, lru) = HEADER.unpack_from(raw)
     if magic != MAGIC or version != VERSION:
         raise ValueError(f"{path}: config version {magic.decode(errors='replace')}/{version}, this "
                          f"ripple reads {MAGIC.decode()}/{VERSION}; write it again")
@@ -200,4 +208,4 @@ def read_runtime_config(path: str | os.PathLike) -> RuntimeConfig:
     pins = np.split(ids, np.cumsum(counts)[:-1]) if L else []
     return RuntimeConfig(bundles_file, whole_file, L, n, bb, align, VIEW_DTYPES[vd], region, slot_of,
                          whole, wlb, mode, thresholds, pinned, pins, bool(sets_all), qd, ra, gap,
-                         maxreq, bool(od), bool(verify), bundle_crc32, whole_crc32, J, la_thresholds)
+                         maxreq, bool(od), bool(verify), bundle_crc32, whole_crc32, J, la_thresholds, lru)

@@ -99,8 +99,23 @@ def test_a_dram_budget_pins_the_hottest_bundles_of_sparse_layers(layouts):
     budget = L * n * bundle_bytes / 4 / (1 << 20)
     with pytest.raises(Exception, match="--profile"):
         compile_cmd(str(part), layout=str(tmp / "layout"), budget_mb=budget)
-    compile_cmd(str(part), layout=str(tmp / "layout"), budget_mb=budget, profile=str(tmp / "profile.npz"))
-    pinned = json.loads((part / APP_FILE).read_text())["layers"]["pinned_bundles"]
-    assert sum(pinned) == L * n // 4 and bb
+    compile_cmd(str(part), layout=str(tmp / "layout"), budget_mb=budget, profile=str(tmp / "profile.npz"),
+                pinned_share=1.0)
+    layers = json.loads((part / APP_FILE).read_text())["layers"]
+    assert sum(layers["pinned_bundles"]) == L * n // 4 and layers["lru_bundles_per_sparse_layer"] == 0 and bb
     got, st = _run(part, prompt, 6)
     assert got.ids == same.ids and 0 < st[CACHE_HITS] < st[ACTIVE]
+    # None pinned: an LRU of what each layer read, with the lookahead (prefetches skip what it holds).
+    lru = tmp / "app-lru"
+    compile_cmd(str(lru), layout=str(tmp / "layout"), budget_mb=budget, pinned_share=0.0, lookahead=1)
+    layers = json.loads((lru / APP_FILE).read_text())["layers"]
+    assert sum(layers["pinned_bundles"]) == 0 and layers["lru_bundles_per_sparse_layer"] == n // 4
+    got, st = _run(lru, prompt, 6)
+    assert got.ids == same.ids and 0 < st[CACHE_HITS] < st[ACTIVE]
+    np.testing.assert_allclose(np.stack(got.logits), np.stack(same.logits), rtol=0, atol=1e-4)
+    # Chosen by the storage model when a device profile is given.
+    auto = tmp / "app-auto"
+    compile_cmd(str(auto), layout=str(tmp / "layout"), budget_mb=budget, profile=str(tmp / "profile.npz"),
+                storage="pixel8-ufs31")
+    layers = json.loads((auto / APP_FILE).read_text())["layers"]
+    assert "storage model" in layers["pinned_share_source"] and 0 <= layers["pinned_share"] <= 1

@@ -109,6 +109,12 @@ static struct {
    * take from, so several layers' requests share the device's queue */
   pf_t* pf;
   int64_t npf, la_cap, la_head, la_tail;
+  /* the LRU part of the cache: per sparse layer lru_per_layer rows (lru_rows + (l * cap + r) *
+   * bundle_bytes) of bundles it read, a list from most to least recently used */
+  char* lru_rows;
+  int32_t *lru_of, *lru_id, *lru_prev, *lru_next;   /* (L, n) row of neuron i or -1; (L, cap) each */
+  int32_t *lru_head, *lru_tail, *lru_used;         /* (L,) */
+  int32_t* neuron_at;      /* (L, n) the neuron in slot s */
   int64_t* la_req;
   int la_started;
   pthread_t la_thread;
@@ -431,6 +437,55 @@ static void restart_stream(int64_t idx) {
   rt.started = 1;
 }
 
+/* ------------------------------------------------------------------ LRU */
+
+static void lru_unlink(int64_t l, int32_t r) {
+  int32_t* prev = rt.lru_prev + l * rt.cfg.lru_per_layer;
+  int32_t* next = rt.lru_next + l * rt.cfg.lru_per_layer;
+  if (prev[r] >= 0) next[prev[r]] = next[r]; else rt.lru_head[l] = next[r];
+  if (next[r] >= 0) prev[next[r]] = prev[r]; else rt.lru_tail[l] = prev[r];
+}
+
+static void lru_front(int64_t l, int32_t r) {
+  int32_t* prev = rt.lru_prev + l * rt.cfg.lru_per_layer;
+  int32_t* next = rt.lru_next + l * rt.cfg.lru_per_layer;
+  prev[r] = -1;
+  next[r] = rt.lru_head[l];
+  if (rt.lru_head[l] >= 0) prev[rt.lru_head[l]] = r; else rt.lru_tail[l] = r;
+  rt.lru_head[l] = r;
+}
+
+static char* lru_row(int64_t l, int32_t r) {
+  return rt.lru_rows + (l * rt.cfg.lru_per_layer + r) * rt.cfg.bundle_bytes;
+}
+
+/* Neuron i of layer l used now: its row, moved to the front; NULL when not held. */
+static const char* lru_get(int64_t l, int64_t i) {
+  int32_t r = rt.cfg.lru_per_layer ? rt.lru_of[l * rt.cfg.n + i] : -1;
+  if (r < 0) return NULL;
+  lru_unlink(l, r);
+  lru_front(l, r);
+  return lru_row(l, r);
+}
+
+/* Neuron i of layer l was read into src: kept, the least recently used row out if full. */
+static void lru_put(int64_t l, int64_t i, const char* src) {
+  const int64_t cap = rt.cfg.lru_per_layer, n = rt.cfg.n;
+  if (!cap || rt.lru_of[l * n + i] >= 0) return;
+  int32_t r;
+  if (rt.lru_used[l] < cap) {
+    r = rt.lru_used[l]++;
+  } else {
+    r = rt.lru_tail[l];
+    lru_unlink(l, r);
+    rt.lru_of[l * n + rt.lru_id[l * cap + r]] = -1;
+  }
+  memcpy(lru_row(l, r), src, (size_t)rt.cfg.bundle_bytes);
+  rt.lru_id[l * cap + r] = (int32_t)i;
+  rt.lru_of[l * n + i] = r;
+  lru_front(l, r);
+}
+
 /* ------------------------------------------------------------------ lookahead */
 
 /* A reader of the lookahead pool (every participant runs it until close): takes the next
@@ -535,7 +590,8 @@ static void teardown(void) {
   void* owned[] = {rt.pinned_whole, rt.pinned_rows, rt.pin_row, rt.gather, rt.act,
                    rt.mark, rt.run_lo, rt.run_len, rt.run_ext, rt.ext_off, rt.ext_start, rt.req,
                    rt.req_start, rt.stream, rt.stream_idx, rt.ahead_buf, rt.ahead, rt.wreq,
-                   rt.wreq_start, rt.pf, rt.la_req};
+                   rt.wreq_start, rt.pf, rt.la_req, rt.lru_rows, rt.lru_of, rt.lru_id,
+                   rt.lru_prev, rt.lru_next, rt.lru_head, rt.lru_tail, rt.lru_used, rt.neuron_at};
   for (size_t i = 0; i < sizeof owned / sizeof *owned; ++i) free(owned[i]);
   rt_config_free(&rt.cfg);
   double st[ST_COUNT];
@@ -688,6 +744,21 @@ static int open_runtime(const char* fn, const char* path) {
     if (e != 0) return fail("RuntimeError", "%s: cannot start the read-ahead thread: %s", fn, strerror(e));
     rt.thread_started = 1;
   }
+  if (c->lru_per_layer > 0) {
+    const int64_t cap = c->lru_per_layer;
+    if (alloc(fn, &rt.lru_rows, L * cap * bb, 1) || alloc(fn, &rt.lru_of, L * n * 4, 0) ||
+        alloc(fn, &rt.lru_id, L * cap * 4, 0) || alloc(fn, &rt.lru_prev, L * cap * 4, 0) ||
+        alloc(fn, &rt.lru_next, L * cap * 4, 0) || alloc(fn, &rt.lru_head, L * 4, 0) ||
+        alloc(fn, &rt.lru_tail, L * 4, 0) || alloc(fn, &rt.lru_used, L * 4, 0) ||
+        alloc(fn, &rt.neuron_at, L * n * 4, 0))
+      return -1;
+    memset(rt.lru_of, 0xff, (size_t)(L * n * 4));
+    for (int64_t l = 0; l < L; ++l) {
+      rt.lru_head[l] = rt.lru_tail[l] = -1;
+      for (int64_t i = 0; i < n; ++i) rt.neuron_at[l * n + c->slot_of[l * n + i]] = (int32_t)i;
+    }
+    pinned += (double)(L * cap * bb);
+  }
   if (c->lookahead > 0) {
     rt.npf = c->lookahead + 1;
     rt.la_cap = rt.npf * rt.max_reqs;
@@ -839,8 +910,9 @@ EXPORT int __tvm_ffi_ripple_rt_prefetch(void* self, const TVMFFIAny* args, int32
   const int32_t* so = c->slot_of + layer * N;
   const int32_t* pin = rt.pin_row + layer * N;
   memset(rt.mark, 0, (size_t)N);
+  const int32_t* held = c->lru_per_layer ? rt.lru_of + layer * N : NULL;
   for (int64_t i = 0; i < N; ++i)
-    if (rt.act[i] && pin[i] < 0) rt.mark[so[i]] = 1;
+    if (rt.act[i] && pin[i] < 0 && !(held && held[i] >= 0)) rt.mark[so[i]] = 1;
   pf_t* f = &rt.pf[layer % rt.npf];
   pthread_mutex_lock(&ra_mu);
   pf_settle(f);
@@ -904,9 +976,11 @@ EXPORT int __tvm_ffi_ripple_rt_fetch(void* self, const TVMFFIAny* args, int32_t 
   memset(rt.mark, 0, (size_t)N);
   for (int64_t i = 0; i < N; ++i) {
     if (!rt.act[i]) continue;
-    if (pin[i] >= 0) {
-      memcpy(rt.gather + hits * bb, rt.pinned_rows[layer] + (int64_t)pin[i] * bb, (size_t)bb);
+    const char* kept = pin[i] < 0 ? lru_get(layer, i) : NULL;
+    if (pin[i] >= 0 || kept) {
+      memcpy(rt.gather + hits * bb, kept ? kept : rt.pinned_rows[layer] + (int64_t)pin[i] * bb, (size_t)bb);
       ++hits;
+      rt.act[i] = 2;          /* served from DRAM: not taken from a prefetch below */
     } else if (f && f->slot_off[so[i]] >= 0) {
       ++ahead;
     } else {
@@ -932,10 +1006,18 @@ EXPORT int __tvm_ffi_ripple_rt_fetch(void* self, const TVMFFIAny* args, int32_t 
       goto done;
     }
     for (int64_t i = 0; i < N; ++i)
-      if (rt.act[i] && pin[i] < 0 && f->slot_off[so[i]] >= 0)
+      if (rt.act[i] == 1 && f->slot_off[so[i]] >= 0)
         memcpy(rt.gather + k++ * bb, f->buf + f->slot_off[so[i]], (size_t)bb);
   }
   if (f) f->layer = -1;
+  /* what was read is kept (LRU): the misses lie in slot order after the hits, then the prefetched */
+  if (c->lru_per_layer) {
+    int64_t row = hits;
+    for (int64_t s = 0; s < N && misses > 0; ++s)
+      if (rt.mark[s]) lru_put(layer, rt.neuron_at[layer * N + s], rt.gather + row++ * bb);
+    for (int64_t i = 0; f && i < N; ++i)
+      if (rt.act[i] == 1 && f->slot_off[so[i]] >= 0) lru_put(layer, i, rt.gather + row++ * bb);
+  }
   double waited = now_s() - t0;
   pthread_mutex_lock(&ra_mu);
   /* the caller waited for every read of a fetch, and for the prefetched reads still in flight */

@@ -103,7 +103,8 @@ int rt_config_read(const char* fn, const char* path, rt_config_t* c) {
           align = i64_at(h + 32), vd = i64_at(h + 40), wlb = i64_at(h + 48), all = i64_at(h + 56),
           qd = i64_at(h + 64), ra = i64_at(h + 72), gap = i64_at(h + 80), maxreq = i64_at(h + 88),
           od = i64_at(h + 96), s1 = i64_at(h + 104), s2 = i64_at(h + 112), P = i64_at(h + 120),
-          verify = i64_at(h + 128), B = i64_at(h + 136), W = i64_at(h + 144), J = i64_at(h + 152);
+          verify = i64_at(h + 128), B = i64_at(h + 136), W = i64_at(h + 144), J = i64_at(h + 152),
+          lru = i64_at(h + 160);
   if (file_bytes != size)
     BAD("%s: %s: the header says %lld bytes, the file has %lld; it is truncated or was changed; "
         "write it again", fn, path, (long long)file_bytes, (long long)size);
@@ -136,6 +137,9 @@ int rt_config_read(const char* fn, const char* path, rt_config_t* c) {
   if (J < 0 || J >= L)
     BAD("%s: %s: lookahead %lld must lie in 0..%lld (layers ahead)", fn, path, (long long)J,
         (long long)L - 1);
+  if (lru < 0 || lru > n)
+    BAD("%s: %s: lru_per_layer %lld must lie in 0..%lld (bundles of a layer)", fn, path, (long long)lru,
+        (long long)n);
   int64_t at = RT_HEADER_BYTES + align_up(s1 + s2, 8);
   int64_t want = at + L * (8 * 3 + 4 + 4) + L * n * 4 + (P + B + W) * 4 + 2 * L;
   if (want != size)
@@ -238,6 +242,7 @@ int rt_config_read(const char* fn, const char* path, rt_config_t* c) {
   c->n_bundle_crcs = B;
   c->n_whole_crcs = W;
   c->lookahead = J;
+  c->lru_per_layer = lru;
   return 0;
 bad:
   free(seen);

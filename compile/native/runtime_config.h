@@ -10,7 +10,7 @@
 
 #define RT_MAGIC "RPLRT001"
 #define RT_VERSION 3
-#define RT_FIELDS 21            /* int64 header fields after the magic */
+#define RT_FIELDS 22            /* int64 header fields after the magic */
 #define RT_HEADER_BYTES (8 + 8 * RT_FIELDS)
 
 enum { RT_UINT8 = 0, RT_INT8 = 1, RT_FLOAT16 = 2 };   /* view_dtype */
@@ -21,7 +21,7 @@ typedef struct {
   char whole_path[PATH_CAP];    /* "" when the layout has no whole copy */
   int64_t n_layers, n, bundle_bytes, alignment, view_dtype, whole_layer_bytes, sets_all,
       queue_depth, read_ahead, collapse_gap_bytes, max_request_bytes, o_direct, pinned_total,
-      verify, n_bundle_crcs, n_whole_crcs, lookahead;
+      verify, n_bundle_crcs, n_whole_crcs, lookahead, lru_per_layer;
   const int64_t* region_offsets;   /* (L,) */
   const int64_t* whole_offsets;    /* (L,) */
   const int64_t* pinned_counts;    /* (L,) pinned bundles per layer */
