@@ -11,6 +11,12 @@ profile (its error is reported) and, with --device, re-plans and predicts for a 
 
 Lower bound per token: bytes of active bundles not in the cache / sequential bandwidth
 measured in this run. This module imports nothing heavy at top (the CLI builds its parser).
+
+I/O waited (runtime_py.lookahead_timeline): every strategy's reads are also priced on a
+timeline of the token's layers in series with one device queue, with each layer's compute
+(given, or timed here on the model's reference forward): what the FFNs wait for. Without
+lookahead that is the serial read time above; the `lookahead` strategy issues each layer's
+predicted reads layers early (issue 25), and only this figure shows what that hides.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..atomic_file import atomic_write, save_figure, write_result
@@ -74,6 +80,14 @@ def register(bench_sub) -> None:
                    help="held-out sets replayed: the profile's true masks (oracle), or a predictor's "
                         "(needs --predictor and a profile recorded with --record-inputs)")
     p.add_argument("--predictor", help="predictor file for --sets predicted (`ripple train-predictor`)")
+    p.add_argument("--lookahead", help="lookahead predictors (lookahead.npz, `ripple train-predictor "
+                   "--lookahead J`) for --strategies lookahead")
+    p.add_argument("--lookahead-distance", type=int,
+                   help="layers ahead the lookahead strategy reads (default: of the file's distances, the "
+                        "one with the least modelled wait on each profile)")
+    p.add_argument("--layer-compute-ms", type=float, nargs="+", metavar="MS",
+                   help="per-layer compute for the I/O-waited timeline: PRE FFN (before the FFN, the FFN), "
+                        "or one total split evenly (default: timed here on the model's reference forward)")
     p.add_argument("--json", required=True, help="results JSON (a PNG is written beside it)")
     p.set_defaults(run=run_local)
     return p
@@ -86,7 +100,9 @@ def run_local(args) -> None:
                      tokens=args.tokens, warmup=args.warmup, queue_depth=args.queue_depth, budget=args.budget,
                      strategies=args.strategies, devices=args.device, host_profile=args.host_profile,
                      cache_dir=args.cache_dir, engine=args.engine, json_out=args.json,
-                     sets=args.sets, predictor=args.predictor, rounds=args.rounds)
+                     sets=args.sets, predictor=args.predictor, rounds=args.rounds,
+                     lookahead=args.lookahead, lookahead_distance=args.lookahead_distance,
+                     layer_compute_ms=args.layer_compute_ms)
     print_table(r)
 
 
@@ -139,8 +155,8 @@ def predicted_sets(wl: Workload, predictor: str | None) -> None:
     `--sets predicted` (tuning.predictor, applied to the profile's recorded FFN inputs)."""
     from ..tuning.predictor import check_predictor, load_predictor, predicted_masks
     from ..tuning.profile import load_profile
-    if wl.name != "real" or not predictor:
-        raise BenchError("--sets predicted needs --workload real and --predictor FILE")
+    if "profile" not in wl.meta or not predictor:
+        raise BenchError("--sets predicted needs a profiled workload (real, relu-tiny) and --predictor FILE")
     pred = load_predictor(predictor)
     L, _, n = wl.heldout.shape
     check_predictor(pred, wl.source_hash, L, pred.d_model, n, predictor)
@@ -148,6 +164,160 @@ def predicted_sets(wl: Workload, predictor: str | None) -> None:
         raise BenchError(f"{predictor} was trained for sparsity {pred.sparsity:g}, the profile is at {wl.sparsity:g}")
     wl.heldout = predicted_masks(pred, load_profile(wl.meta["profile"]).inputs("heldout"))
     wl.meta.update(sets="predicted", predictor=str(predictor))
+
+
+def lookahead_sets(wl: Workload, path: str, tokens: int) -> dict:
+    """{distance: (L, tokens, n) bool}: each target layer's set predicted from the recorded FFN
+    input of the layer `distance` before it (tuning.lookahead); rows of layers with none before
+    them stay empty (they are read on demand)."""
+    import numpy as np
+
+    from ..tuning.lookahead import load_lookahead, predicted
+    from ..tuning.profile import load_profile
+    la = load_lookahead(path)
+    L, _, n = wl.heldout.shape
+    if la.source_hash != wl.source_hash or la.a.shape[1] != L or la.b.shape[-1] != n:
+        raise BenchError(f"{path}: lookahead predictors of another checkpoint or shape than {wl.source}; "
+                         "train them on this model's profile (`ripple train-predictor --lookahead`)")
+    if wl.sparsity is not None and abs(la.sparsity - wl.sparsity) > 1e-9:
+        raise BenchError(f"{path} was trained for sparsity {la.sparsity:g}, the profile is at {wl.sparsity:g}")
+    x = load_profile(wl.meta["profile"]).inputs("heldout")
+    out = {}
+    for k, j in enumerate(la.distances):
+        m = np.zeros((L, tokens, n), bool)
+        for t in range(j, L):
+            m[t] = predicted(la, k, t, x[t - j][:tokens])
+        out[int(j)] = m
+    wl.meta["lookahead"] = str(path)
+    return out
+
+
+def layer_compute(wl: Workload, given_ms, steps: int = 8) -> tuple:
+    """(pre_s (L,), ffn_s (L,), source): each layer's compute before its FFN and its FFN's,
+    given (--layer-compute-ms) or timed on this host: the model's torch reference forward
+    (fp32, dense FFN), one token decoded after a short prompt with its KV cache, median of
+    `steps` tokens, split at the FFN's entry and exit; with torch's threads and with one, the
+    faster kept (on this 2-core host, busy, two threads made a 64-wide attention 7.8 ms
+    against 0.02 ms alone), since less compute hides less: the lookahead's figure errs
+    high. A phone's kernels differ; the source says which was used."""
+    import numpy as np
+    L = wl.heldout.shape[0]
+    if given_ms:
+        if len(given_ms) > 2 or min(given_ms) < 0:
+            raise BenchError(f"--layer-compute-ms {given_ms}: PRE FFN or one total, in ms, non-negative")
+        pre, ffn = (given_ms[0] / 2, given_ms[0] / 2) if len(given_ms) == 1 else given_ms
+        return np.full(L, pre * 1e-3), np.full(L, ffn * 1e-3), \
+            f"given: {pre:g} ms before the FFN + {ffn:g} ms FFN per layer" + (" (one total, split evenly)"
+                                                                            if len(given_ms) == 1 else "")
+    if "profile" not in wl.meta:
+        raise BenchError(f"--workload {wl.name} has no model to time: give --layer-compute-ms PRE FFN")
+    import torch
+
+    from ..tuning.checkpoint import load_model
+    from ..tuning.forward import to_torch
+    tm = to_torch(load_model(wl.source))
+    threads = torch.get_num_threads()
+    best = None
+    try:
+        for n in sorted({threads, 1}, reverse=True):
+            torch.set_num_threads(n)
+            pre, ffn = _timed_decode(tm, steps)
+            if best is None or pre.sum() + ffn.sum() < best[0].sum() + best[1].sum():
+                best = (pre, ffn, n)
+    finally:
+        torch.set_num_threads(threads)
+    pre, ffn, n = best
+    return pre, ffn, (f"measured: this host's torch reference forward (fp32, dense FFN, {n} thread(s), the faster "
+                      f"of {sorted({threads, 1})}), one decoded token, median of {steps}: {pre.mean() * 1e3:.3f} ms "
+                      f"before the FFN + {ffn.mean() * 1e3:.3f} ms FFN per layer")
+
+
+def _timed_decode(tm, steps: int) -> tuple:
+    """(pre_s, ffn_s) per layer: median over `steps` decoded tokens (tuning.forward with its
+    KV cache), split at each FFN's entry and exit."""
+    import numpy as np
+    import torch
+
+    from ..tuning.forward import dense_ffn, forward, new_cache
+    L = tm.desc.n_layers
+    ffn, marks = dense_ffn(tm), []
+
+    def timed(layer, h):
+        t0 = time.perf_counter()
+        y = ffn(layer, h)
+        marks.append((t0, time.perf_counter()))
+        return y
+    context = max(1, min(32, tm.desc.max_positions - steps - 2))
+    tok = torch.from_numpy(np.random.default_rng(0).integers(0, tm.desc.vocab_size, (1, context + steps + 1)))
+    cache = new_cache(tm, 1, context + steps + 1)
+    forward(tm, tok[:, :context], cache)
+    pre, ffn_t = np.zeros((steps + 1, L)), np.zeros((steps + 1, L))
+    for i in range(steps + 1):        # the first step warms what the prompt did not
+        marks.clear()
+        prev = time.perf_counter()
+        forward(tm, tok[:, context + i:context + i + 1], cache, ffn=timed, last_only=True)
+        for layer, (a, b) in enumerate(marks):
+            pre[i, layer], ffn_t[i, layer], prev = a - prev, b - a, b
+    return np.median(pre[1:], 0), np.median(ffn_t[1:], 0)
+
+
+def lookahead_trace(s, wl: Workload, held, ahead: dict, layout, budget_bytes: int, storage, queue_depth: int,
+                    warmup: int, compute: tuple):
+    """Strategy s's lookahead reads of the held-out tokens planned for `storage`, at its distance
+    or (distance None) at each of `ahead`'s, keeping the least modelled wait on `storage`;
+    the trace's meta keeps every distance's wait (ms per token)."""
+    import numpy as np
+
+    from ..runtime_py.lookahead_timeline import plan_lookahead_trace, trace_timelines
+    from ..runtime_py.strategies import build_cache
+    if ahead is None:
+        raise BenchError(f"strategy {s.name} needs lookahead sets: give --lookahead FILE (it runs here only)")
+    dists = sorted(ahead) if s.distance is None else [s.distance]
+    best, per = None, {}
+    for j in dists:
+        if j not in ahead:
+            raise BenchError(f"--lookahead-distance {j}: the lookahead file has distances {sorted(ahead)}")
+        cache = build_cache(s, budget_bytes, wl.spec.bundle_bytes, layout.perm, wl.calib)
+        tr = plan_lookahead_trace(s, held, ahead[j][:, :held.shape[1]], j, layout.perm, cache, layout.region_offsets,
+                                  wl.spec.bundle_bytes, storage, queue_depth, warmup, layout.alignment)
+        per[j] = float(np.mean([x.waited_s for x in trace_timelines(tr, *compute[:2], storage, queue_depth)]) * 1e3)
+        if best is None or per[j] < per[best.distance]:
+            best = tr
+    best.meta["waited_ms_per_distance"] = {str(j): round(v, 3) for j, v in per.items()}
+    best.meta["distance_chosen_by"] = "given" if s.distance is not None else \
+        "least modelled wait on the profile planned for, held-out tokens"
+    return best
+
+
+def timeline_figures(tr, storage, queue_depth: int, compute: tuple | None, bb: int) -> dict:
+    """A trace's I/O waited per token and what it read, by runtime_py.lookahead_timeline on
+    `storage`; compute None: no compute (the waits of strategies without lookahead do not
+    depend on it; token time is then left out)."""
+    import numpy as np
+
+    from ..runtime_py.lookahead_timeline import trace_timelines
+    L = tr.active.shape[1]
+    pre, ffn = (np.zeros(L), np.zeros(L)) if compute is None else compute[:2]
+    tls = trace_timelines(tr, pre, ffn, storage, queue_depth)
+    need = (tr.active - tr.hits).sum(1) * bb
+    out = {"modelled_waited_ms": round(float(np.mean([x.waited_s for x in tls]) * 1e3), 3),
+           "unused_bytes_per_token": int(np.mean(tr.bytes_read() - need)),
+           "misses_per_token": round(float(tr.on_demand().sum(1).mean()), 1),
+           "max_queue_depth": int(max(x.max_queue_depth for x in tls)),
+           "mean_queue_depth": round(float(np.mean([x.mean_queue_depth for x in tls])), 2)}
+    if compute is not None:
+        out["modelled_token_ms"] = round(float(np.mean([x.token_s for x in tls]) * 1e3), 3)
+    if tr.ahead is not None:
+        out["lookahead"] = {"distance": tr.distance, "chosen_by": tr.meta.get("distance_chosen_by"),
+                            "modelled_waited_ms_per_distance": tr.meta.get("waited_ms_per_distance")}
+    return out
+
+
+def waited_ratio(res: dict, key: str) -> float | None:
+    """lookahead's I/O waited over ripple's (issue 25 asks for <= 0.5 at the same DRAM budget)."""
+    if "lookahead" not in res or "ripple" not in res or not res["ripple"].get(key):
+        return None
+    return round(res["lookahead"][key] / res["ripple"][key], 3)
 
 
 def synthetic_workload(calib_tokens: int = 1024, heldout_tokens: int = 256, seed: int = 0) -> Workload:
@@ -324,9 +494,11 @@ def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float
                  budget: float = 0.10, strategies=DEFAULT_STRATEGIES, devices=(), host_profile: str | None = None,
                  cache_dir: str = "build/cache/io", engine: str = "auto", json_out: str | None = None,
                  sets: str = "oracle", predictor: str | None = None, quick_table: bool = False,
-                 rounds: int = 1) -> dict:
+                 rounds: int = 1, lookahead: str | None = None, lookahead_distance: int | None = None,
+                 layer_compute_ms=None) -> dict:
     """quick_table: check the model with the probe's quick table (3 sizes x 2 depths, 64 MiB
-    file) instead of the full one; for tests."""
+    file) instead of the full one; for tests. lookahead: the lookahead.npz the `lookahead`
+    strategy predicts with; layer_compute_ms: [pre, ffn] or [total] per layer (None: timed here)."""
     import numpy as np
     from tqdm import tqdm
 
@@ -345,6 +517,14 @@ def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
         raise BenchError(f"--sparsity {sparsity}: must be in [0, 1)")
     strats = [get_strategy(s) for s in strategies]
+    if any(s.distance != 0 for s in strats):
+        if sets != "predicted" or not predictor or not lookahead:
+            raise BenchError("--strategies lookahead needs --sets predicted --predictor FILE --lookahead FILE: a "
+                             "layer's own set is the same-layer predictor's, and every strategy then reads those sets")
+        if lookahead_distance is not None:
+            if lookahead_distance < 1:
+                raise BenchError(f"--lookahead-distance {lookahead_distance}: layers ahead, at least 1")
+            strats = [replace(s, distance=lookahead_distance) if s.distance != 0 else s for s in strats]
     phones = [load_device(d) for d in devices]          # bad names fail before minutes of work
     if json_out and not Path(json_out).resolve().parent.is_dir():
         raise BenchError(f"--json {json_out}: folder {Path(json_out).parent} does not exist")
@@ -364,11 +544,14 @@ def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float
     held = wl.heldout[:, :warmup + tokens]
     bb = wl.spec.bundle_bytes
     budget_bytes = int(budget * L * n * bb)
+    ahead = lookahead_sets(wl, lookahead, warmup + tokens) if any(s.distance != 0 for s in strats) else None
+    # Compute only moves the waits of reads issued ahead: timed when a strategy has them or asked.
+    compute = layer_compute(wl, layer_compute_ms) if ahead is not None or layer_compute_ms else None
 
     storage, storage_meta = host_storage(cdir, host_profile, engine)
 
     strats, perms, layouts, traces, tuned = plan_strategies(wl, strats, held, warmup, queue_depth,
-                                                            budget_bytes, storage, cdir)
+                                                            budget_bytes, storage, cdir, ahead, compute)
     prune_layouts(cdir, {layout_kind(s): Path(layouts[s.name].path).parent for s in strats}, wl)
 
     # The storage model is checked against the reads with a table measured between them, a
@@ -377,9 +560,18 @@ def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float
                                                  file_bytes=QUICK["file_bytes"]) if quick_table else {}))
     fio_seq, fio_iomem = fio_seq_MBps(cdir)
     per_token = -(-2 * len(table.cells) // (tokens * rounds))
-    # Real reads, token by token; the order of strategies rotates from token to token.
-    readers = {}
+    # Real reads, token by token; the order of strategies rotates from token to token. With
+    # compute known, each token is also decoded on the timeline (reads in a background thread,
+    # compute spun), every strategy with the same compute: what the FFNs wait, measured.
+    readers, io = {}, None
+    waited = {s.name: np.zeros((rounds, tokens)) for s in strats} if compute is not None else None
     try:
+        if waited is not None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from ..runtime_py.lookahead_timeline import layer_reads, measured_token
+            io = ThreadPoolExecutor(max_workers=1)
+            io.submit(lambda: None).result()          # its thread started before any token is timed
         for s in strats:
             p = str(layouts[s.name].path)
             if p not in readers:
@@ -395,10 +587,17 @@ def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float
                 s = strats[(t + k + rd) % len(strats)]
                 r = readers[str(layouts[s.name].path)]
                 ms[s.name][rd, t] = sum(r.read(e).seconds for e in traces[s.name].extents(t)) * 1e3
+            for k in range(len(strats) if waited is not None else 0):
+                s = strats[(t + k + rd) % len(strats)]
+                tr = traces[s.name]
+                waited[s.name][rd, t] = measured_token(io, readers[str(layouts[s.name].path)], layer_reads(tr, t),
+                                                       tr.distance, *compute[:2]).waited_s * 1e3
             table.step(per_token)
         check = table.profile()
         reader_engine = next(iter(readers.values())).engine
     finally:
+        if io is not None:
+            io.shutdown()
         table.close()
         for r in readers.values():
             r.close()
@@ -428,7 +627,11 @@ def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float
             "tuning": tuned[s.name],
             "cache_entries": tr.meta["cache_entries"],
             "per_token_ms": [round(float(x), 3) for x in m],
+            **timeline_figures(tr, check, queue_depth, compute, bb),
         }
+        if waited is not None:
+            res[s.name]["waited_ms"] = round(float(waited[s.name].mean()), 3)
+            res[s.name]["per_round_waited_ms"] = [round(float(x), 3) for x in waited[s.name].mean(1)]
     out = {
         "device": "this machine (measured)", "model": wl.model, "workload": wl.name,
         "sparsity": wl.sparsity, "tokens": tokens, "warmup": warmup, "queue_depth": queue_depth,
@@ -449,7 +652,16 @@ def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float
         "workload_meta": wl.meta,
     }
     out["rounds"] = rounds
+    out["compute_source"] = compute[2] if compute is not None else \
+        "none: no strategy reads ahead, and the waits of those that do not are their serial read times"
+    if compute is not None:
+        out["layer_compute_ms"] = {"pre": [round(float(x) * 1e3, 4) for x in compute[0]],
+                                   "ffn": [round(float(x) * 1e3, 4) for x in compute[1]]}
     out["ratios"] = ratios(res, out["lower_bound_ms"])
+    if waited_ratio(res, "modelled_waited_ms") is not None:
+        out["ratios"]["lookahead_over_ripple_waited"] = waited_ratio(res, "modelled_waited_ms")
+    if waited_ratio(res, "waited_ms") is not None:
+        out["ratios"]["lookahead_over_ripple_waited_measured"] = waited_ratio(res, "waited_ms")
     if rounds > 1:
         out["ratios"]["per_round"] = [
             ratios({k: {"per_token_io_ms": v["per_round_io_ms"][i]} for k, v in res.items()}, out["lower_bound_ms"])
@@ -461,7 +673,7 @@ def bench_io_cmd(model: str = "smollm2", workload: str = "real", sparsity: float
         out["modelled"] = {}
         for dev in phones:
             out["modelled"][dev.name] = modelled_on(dev, strats, perms, wl, held, bb, budget_bytes, queue_depth,
-                                                    warmup, layouts)
+                                                    warmup, layouts, ahead, compute)
     out["seconds"] = round(time.perf_counter() - t_start, 1)
     out["load_average"] = os.getloadavg()[0]
     if json_out:
@@ -486,9 +698,11 @@ def ratios(res: dict, lower_bound_ms: float) -> dict:
 
 
 def plan_strategies(wl: Workload, strats: list, held: np.ndarray, warmup: int, queue_depth: int,
-                    budget_bytes: int, storage, cache_dir: Path) -> tuple[list, dict, dict, dict, dict]:
+                    budget_bytes: int, storage, cache_dir: Path, ahead: dict | None = None,
+                    compute: tuple | None = None) -> tuple[list, dict, dict, dict, dict]:
     """Per strategy: tune it, build its cache, lay out its flash file and plan its reads of the
     held-out tokens for `storage`. Shared by the local bench and the replay on a device.
+    ahead, compute: lookahead_sets and layer_compute, for strategies that read ahead.
     Returns (strategies as tuned, placements, layouts, traces, tuning notes)."""
     from ..runtime_py.strategies import build_cache, layout_perm, plan_trace, tune
     bb = wl.spec.bundle_bytes
@@ -504,6 +718,10 @@ def plan_strategies(wl: Workload, strats: list, held: np.ndarray, warmup: int, q
         layout = flash_file(wl, perm, cache_dir, layout_kind(s))
         layouts[s.name] = layout
         print(f"bench io: planning {s.name}", file=sys.stderr)
+        if s.distance != 0:
+            traces[s.name] = lookahead_trace(s, wl, held, ahead, layout, budget_bytes, storage, queue_depth,
+                                             warmup, compute)
+            continue
         traces[s.name] = plan_trace(s, held, layout.perm, cache, layout.region_offsets, bb, storage,
                                     queue_depth, warmup, layout.alignment)
     return strats, perms, layouts, traces, tuned
@@ -529,9 +747,11 @@ def extra_bytes_read(res: dict, strats, layouts, wl: Workload, true_held: np.nda
         r["extra_bytes_read_frac"] = round(r["bytes_read_per_token"] / true_read - 1, 4) if true_read else None
 
 
-def modelled_on(dev, strats, perms, wl, held, bb, budget_bytes, queue_depth, warmup, layouts) -> dict:
+def modelled_on(dev, strats, perms, wl, held, bb, budget_bytes, queue_depth, warmup, layouts, ahead=None,
+                compute=None) -> dict:
     """Re-plan every strategy with the phone's profile (the planner is a function of it) and
-    predict its per-token I/O with the storage model."""
+    predict its per-token I/O with the storage model: its serial read time (per_token_io_ms)
+    and what the FFNs wait on the timeline (waited_ms; a lookahead distance is chosen anew)."""
     from ..runtime_py import storage_model as sm
     from ..runtime_py.strategies import build_cache, plan_trace
 
@@ -539,9 +759,12 @@ def modelled_on(dev, strats, perms, wl, held, bb, budget_bytes, queue_depth, war
     lbs = []
     for s in strats:
         layout = layouts[s.name]
-        cache = build_cache(s, budget_bytes, bb, layout.perm, wl.calib)
-        tr = plan_trace(s, held, layout.perm, cache, layout.region_offsets, bb, dev.storage, queue_depth,
-                        warmup, layout.alignment)
+        if s.distance != 0:
+            tr = lookahead_trace(s, wl, held, ahead, layout, budget_bytes, dev.storage, queue_depth, warmup, compute)
+        else:
+            cache = build_cache(s, budget_bytes, bb, layout.perm, wl.calib)
+            tr = plan_trace(s, held, layout.perm, cache, layout.region_offsets, bb, dev.storage, queue_depth,
+                            warmup, layout.alignment)
         t = sm.replay(dev.storage, [tr.extents(i) for i in range(len(tr.plans))], queue_depth) * 1e3
         missed = (tr.active - tr.hits).sum(1) * bb
         lb = float(missed.mean() / dev.storage.seq_bytes_per_s * 1e3)
@@ -551,8 +774,13 @@ def modelled_on(dev, strats, perms, wl, held, bb, budget_bytes, queue_depth, war
                                      "bytes_read_per_token": int(tr.bytes_read().mean()),
                                      "effective_bw_MBps": round(float(tr.active.sum(1).mean() * bb / t.mean() / 1e3), 1),
                                      "lower_bound_ms": round(lb, 3)}
+        fig = timeline_figures(tr, dev.storage, queue_depth, compute, bb)
+        fig["waited_ms"] = fig.pop("modelled_waited_ms")
+        out["strategies"][s.name].update(fig)
     out["lower_bound_ms"] = round(min(lbs), 3)
     out["ratios"] = ratios(out["strategies"], out["lower_bound_ms"])
+    if waited_ratio(out["strategies"], "waited_ms") is not None:
+        out["ratios"]["lookahead_over_ripple_waited"] = waited_ratio(out["strategies"], "waited_ms")
     return out
 
 
@@ -569,14 +797,19 @@ def plot(r: dict, path: str) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (title, st, lb, measured) in zip(axes[0], panels):
         names = list(st)
-        vals = [st[k]["per_token_io_ms"] for k in names]
+        # What the FFNs wait, where the run has it (the timeline: modelled on a phone, measured
+        # here with emulated compute; without lookahead it is the serial read time), else the
+        # reads as timed layer by layer.
+        waited = all("waited_ms" in st[k] for k in names)
+        vals = [st[k]["waited_ms" if waited else "per_token_io_ms"] for k in names]
         bars = ax.bar(names, vals, color=["#888", "#c66", "#69c", "#3a3"][:len(names)] + ["#999"] * 8)
         if measured:
-            ax.scatter(names, [st[k]["modelled_per_token_io_ms"] for k in names], marker="_", s=600,
-                       color="k", label="storage model", zorder=3)
+            ax.scatter(names, [st[k]["modelled_waited_ms" if waited else "modelled_per_token_io_ms"] for k in names],
+                       marker="_", s=600, color="k", label="timeline model" if waited else "storage model", zorder=3)
             if r.get("rounds", 1) > 1:      # the rounds' spread: how far this host drifted
-                lo = [v - min(st[k]["per_round_io_ms"]) for k, v in zip(names, vals)]
-                hi = [max(st[k]["per_round_io_ms"]) - v for k, v in zip(names, vals)]
+                rounds = "per_round_waited_ms" if waited else "per_round_io_ms"
+                lo = [v - min(st[k][rounds]) for k, v in zip(names, vals)]
+                hi = [max(st[k][rounds]) - v for k, v in zip(names, vals)]
                 ax.errorbar(names, vals, yerr=[lo, hi], fmt="none", ecolor="k", capsize=4, lw=1,
                             label=f"{r['rounds']} rounds: min-max")
         ax.axhline(lb, ls="--", color="k", lw=1, label=f"lower bound {lb:.1f} ms")
@@ -584,7 +817,7 @@ def plot(r: dict, path: str) -> None:
             ax.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.set_yscale("log")      # dense is 10-50x the others on sparse workloads
-        ax.set_ylabel("FFN I/O per token (ms, log scale)")
+        ax.set_ylabel(f"FFN I/O {'waited ' if waited else ''}per token (ms, log scale)")
         ax.legend(fontsize=8)
     fig.suptitle(f"ripple bench io: {r['model']} ({r['workload']}, sparsity {r['sparsity']}), "
                  f"QD {r['queue_depth']}, DRAM {r['dram_budget_fraction']:.0%} of FFN", fontsize=10)
@@ -597,15 +830,32 @@ def print_table(r: dict) -> None:
           f"reader {r['reader']['engine']}, DRAM budget {r['dram_budget_bytes'] / 1e6:.1f} MB; "
           f"seq {r['seq_MBps']:.0f} MB/s (fio {r['fio_seq_MBps']}"
           f"{', on 4 KiB-page buffers: low' if r.get('fio_iomem') == 'malloc' else ''}); lower bound {r['lower_bound_ms']:.2f} ms")
+    timeline = all("modelled_waited_ms" in v for v in r["strategies"].values())
+    measured = all("waited_ms" in v for v in r["strategies"].values())
     print(f"{'strategy':>9} {'io ms':>8} {'model ms':>9} {'reads':>8} {'MB read':>8} {'MB need':>8} "
-          f"{'hit':>6} {'eff MB/s':>9}")
+          f"{'hit':>6} {'eff MB/s':>9}" + (f" {'waited':>7} {'model':>7} {'MB unused':>9} {'misses':>7} "
+                                            f"{'QD max/mean':>11}" if timeline else ""))
     for k, v in r["strategies"].items():
         print(f"{k:>9} {v['per_token_io_ms']:8.2f} {v['modelled_per_token_io_ms']:9.2f} {v['reads_per_token']:8.0f} "
               f"{v['bytes_read_per_token'] / 1e6:8.2f} {v['bytes_needed_per_token'] / 1e6:8.2f} "
-              f"{v['cache_hit_rate']:6.3f} {v['effective_bw_MBps']:9.0f}")
+              f"{v['cache_hit_rate']:6.3f} {v['effective_bw_MBps']:9.0f}"
+              + (f" {v['waited_ms'] if measured else float('nan'):7.2f} {v['modelled_waited_ms']:7.2f} "
+                 f"{v['unused_bytes_per_token'] / 1e6:9.2f} {v['misses_per_token']:7.0f}"
+                 f" {v['max_queue_depth']:>5}/{v['mean_queue_depth']:<5.1f}" if timeline else ""))
+    if timeline:
+        print("io ms: reads timed layer by layer (a lookahead strategy's without its overlap); waited (ms): what the "
+              "FFNs waited, decoded here with the compute spun (nan: not run), and its timeline model; "
+              f"compute {r.get('compute_source')}")
+    for k, v in r["strategies"].items():
+        if "lookahead" in v:
+            print(f"{k}: distance {v['lookahead']['distance']} ({v['lookahead']['chosen_by']}); modelled wait per "
+                  f"distance, ms: {v['lookahead']['modelled_waited_ms_per_distance']}")
     for name, m in r.get("modelled", {}).items():
         print(f"modelled on {name} ({m['source']}): " + ", ".join(
-            f"{k} {v['per_token_io_ms']:.2f} ms" for k, v in m["strategies"].items())
+            f"{k} {v['per_token_io_ms']:.2f} ms" + (f" (waited {v['waited_ms']:.2f}, {v['misses_per_token']:.0f} "
+                                                   f"misses, {v['unused_bytes_per_token'] / 1e6:.2f} MB unused)"
+                                                   if "waited_ms" in v else "")
+            for k, v in m["strategies"].items())
             + f"; lower bound {m['lower_bound_ms']:.2f} ms")
     print("ratios: " + json.dumps(r["ratios"]))
     extra = {k: v["extra_bytes_read_frac"] for k, v in r["strategies"].items() if "extra_bytes_read_frac" in v}

@@ -16,7 +16,13 @@ activation trace, so a benchmark can time the reads or hand them to the storage 
             or by what a bundle costs to read (cache.io_value: its bytes, and a request each
             time it would be read alone), the rest LRU, which also keeps what a plan read in
             its gaps (read-through); what it pins by and the share are those the storage
-            model finds fastest on calibration masks (`tune`).
+            model finds fastest on calibration masks (`tune`);
+- lookahead: ripple's placement, planner and cache, with each layer's predicted set read
+            `distance` layers early (tuning.lookahead; issue 25) and what that missed read
+            on demand: runtime_py.lookahead_timeline plans and prices it. Ripple's policy
+            and not ours, so that against `ripple` at the same DRAM budget the one
+            difference is when the reads are issued (ours' cheapest plan also prices a
+            plan at its own queue depth, which reads issued ahead share with others).
 """
 from __future__ import annotations
 
@@ -44,11 +50,14 @@ class Strategy:
     # pin_by "io": the values, from the strategy's placement before pinned bundles move
     # (`tune` fixes them, so that every cache built for the laid-out file pins the same ones).
     pin_value: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # Layers ahead its reads are issued (runtime_py.lookahead_timeline): 0 at the layer's own
+    # FFN input; None: choose among a lookahead file's distances.
+    distance: int | None = 0
 
     def describe(self) -> dict:
         return {"placement": self.placement, "planner": self.planner, "cache": self.cache,
                 "pinned_last": self.pinned_last, "pinned_share": self.pinned_share,
-                "pin_by": self.pin_by, "read_through": self.read_through}
+                "pin_by": self.pin_by, "read_through": self.read_through, "distance": self.distance}
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -56,6 +65,7 @@ STRATEGIES: dict[str, Strategy] = {
     "llmflash": Strategy("llmflash", "identity", "bundles", "window"),
     "ripple": Strategy("ripple", "ripple", "collapse", "linking"),
     "ours": Strategy("ours", "ours", "cheapest", "hybrid", pinned_last=True, pin_by=None, read_through=True),
+    "lookahead": Strategy("lookahead", "ripple", "collapse", "linking", distance=None),
 }
 PIN_BY = ("frequency", "io")
 
@@ -118,15 +128,33 @@ class TracePlan:
     active: np.ndarray             # (T, L) active bundles per token and layer
     hits: np.ndarray               # (T, L) of those, already in DRAM
     meta: dict = field(default_factory=dict)
+    # Lookahead (runtime_py.lookahead_timeline.plan_lookahead_trace): ahead[t][l] is issued
+    # `distance` layers early, plans[t][l] on demand; misses (T, L): bundles read on demand.
+    ahead: list[list[pl.Plan]] | None = None
+    distance: int = 0
+    misses: np.ndarray | None = None
+
+    def _layers(self, t: int) -> list[list[pl.Plan]]:
+        return [[p] for p in self.plans[t]] if self.ahead is None else \
+            [[a, p] for a, p in zip(self.ahead[t], self.plans[t])]
 
     def extents(self, t: int) -> list[np.ndarray]:
-        return [p.extents for p in self.plans[t]]
+        """Per layer, every extent it reads (ahead and on demand, by offset)."""
+        out = []
+        for ps in self._layers(t):
+            e = np.concatenate([p.extents for p in ps]) if len(ps) > 1 else ps[0].extents
+            out.append(e[np.argsort(e[:, 0], kind="stable")] if len(ps) > 1 else e)
+        return out
 
     def bytes_read(self) -> np.ndarray:
-        return np.array([sum(p.bytes_read for p in row) for row in self.plans])
+        return np.array([sum(p.bytes_read for ps in self._layers(t) for p in ps) for t in range(len(self.plans))])
 
     def reads(self) -> np.ndarray:
-        return np.array([sum(len(p.extents) for p in row) for row in self.plans])
+        return np.array([sum(len(p.extents) for ps in self._layers(t) for p in ps) for t in range(len(self.plans))])
+
+    def on_demand(self) -> np.ndarray:
+        """(T, L) bundles read once the layer's own set is known: without lookahead, all it needs."""
+        return self.active - self.hits if self.misses is None else self.misses
 
 
 def plan_trace(s: Strategy, masks: np.ndarray, perm: np.ndarray, cache: NeuronCache,
