@@ -4,6 +4,7 @@ they read and reads the rest of its own set on demand, so the APP decodes what t
 APP decodes, and the runtime's counters say what the prefetches read, used and missed."""
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -119,3 +120,15 @@ def test_a_dram_budget_pins_the_hottest_bundles_of_sparse_layers(layouts):
                 storage="pixel8-ufs31")
     layers = json.loads((auto / APP_FILE).read_text())["layers"]
     assert "storage model" in layers["pinned_share_source"] and 0 <= layers["pinned_share"] <= 1
+
+
+def test_the_native_runner_runs_a_lookahead_app(layouts, tmp_path):
+    _, apps = layouts
+    prompt = [5, 9, 13]
+    with AppSession(apps[1]) as s:
+        gen = s.generate(prompt, 6)
+    out = tmp_path / "run.json"
+    r = subprocess.run([str(apps[1] / "ripple-run"), "--prompt-ids", ",".join(map(str, prompt)), "--tokens", "6",
+                        "--json", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["ids"] == gen.ids

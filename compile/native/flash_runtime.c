@@ -991,6 +991,7 @@ EXPORT int __tvm_ffi_ripple_rt_fetch(void* self, const TVMFFIAny* args, int32_t 
   io_t io = {0, 0, 0, 0, 0};
   double t0 = now_s(), pf_wait = 0;
   if (misses > 0 && read_marked(fn, layer, rt.mark, rt.gather + hits * bb, &k, &io) != 0) goto done;
+  const double demand_s = now_s() - t0;   /* planning and reading the misses */
   k += hits;
   char err[1024] = "";
   if (f && ahead > 0) {      /* none used: the next prefetch into the buffer settles its reads */
@@ -1018,10 +1019,9 @@ EXPORT int __tvm_ffi_ripple_rt_fetch(void* self, const TVMFFIAny* args, int32_t 
     for (int64_t i = 0; f && i < N; ++i)
       if (rt.act[i] == 1 && f->slot_off[so[i]] >= 0) lru_put(layer, i, rt.gather + row++ * bb);
   }
-  double waited = now_s() - t0;
   pthread_mutex_lock(&ra_mu);
   /* the caller waited for every read of a fetch, and for the prefetched reads still in flight */
-  rt.st[ST_IO_WAIT] += f ? waited : io.seconds;
+  rt.st[ST_IO_WAIT] += f ? demand_s + pf_wait : io.seconds;
   rt.st[ST_READ_SECONDS] += io.seconds;
   rt.st[ST_BYTES_READ] += (double)io.bytes;
   rt.st[ST_REQUESTS] += (double)io.requests;
