@@ -411,18 +411,6 @@ static void stream_reads(job_t* j, int idx) {
   pthread_mutex_unlock(&ra_mu);
 }
 
-static void* ahead_thread(void* arg) {
-  (void)arg;
-  job_t j;
-  double el;
-  memset(&j, 0, sizeof j);
-  j.run = stream_reads;
-  j.nthreads = (int)rt.cfg.queue_depth;
-  /* open started the pool's helpers (warm), so this cannot fail; if it did, read at depth 1 */
-  if (pool_run("ripple.rt.whole (read-ahead)", &ahead_pool, &j, &el) != 0) stream_reads(&j, 0);
-  return NULL;
-}
-
 /* Called with ra_mu held: the next position is `layer`'s (stream index idx). Positions none
  * of whose requests was taken are dropped, the ones being read are waited for, and the stream
  * restarts at the first position >= every one issued whose layer is `layer`. */
@@ -538,16 +526,46 @@ static void la_reads(job_t* j, int idx) {
   pthread_mutex_unlock(&ra_mu);
 }
 
-static void* la_thread_main(void* arg) {
-  (void)arg;
+/* A background pool of readers (the read-ahead's, the lookahead's): queue_depth participants
+ * each running `run` until close. */
+typedef struct {
+  pool_t* pool;
+  void (*run)(job_t*, int);
+  const char* name;
+} readers_t;
+
+static readers_t ahead_readers = {&ahead_pool, stream_reads, "ripple.rt.whole (read-ahead)"};
+static readers_t la_readers = {&la_pool, la_reads, "ripple.rt.prefetch (readers)"};
+
+static void* readers_main(void* arg) {
+  const readers_t* r = (const readers_t*)arg;
   job_t j;
   double el;
   memset(&j, 0, sizeof j);
-  j.run = la_reads;
+  j.run = r->run;
   j.nthreads = (int)rt.cfg.queue_depth;
   /* open started the pool's helpers (warm), so this cannot fail; if it did, read at depth 1 */
-  if (pool_run("ripple.rt.prefetch (readers)", &la_pool, &j, &el) != 0) la_reads(&j, 0);
+  if (pool_run(r->name, r->pool, &j, &el) != 0) r->run(&j, 0);
   return NULL;
+}
+
+/* Starts a readers_main thread; an error of open when it cannot. */
+static int start_readers(const char* fn, readers_t* r, pthread_t* thread, int* started) {
+  if (warm(fn, r->pool, rt.cfg.queue_depth) != 0) return -1;
+  int e = pthread_create(thread, NULL, readers_main, r);
+  if (e != 0) return fail("RuntimeError", "%s: cannot start the %s thread: %s", fn, r->name, strerror(e));
+  *started = 1;
+  return 0;
+}
+
+/* Ends a readers_main thread: quit, every reader woken on `work`, joined. */
+static void stop_readers(pthread_t thread, int started, pthread_cond_t* work) {
+  if (!started) return;
+  pthread_mutex_lock(&ra_mu);
+  rt.quit = 1;
+  pthread_cond_broadcast(work);
+  pthread_mutex_unlock(&ra_mu);
+  pthread_join(thread, NULL);
 }
 
 /* Called with ra_mu held: waits until prefetch buffer f holds no reads in flight. */
@@ -558,20 +576,8 @@ static void pf_settle(pf_t* f) {
 /* ------------------------------------------------------------------ open and close */
 
 static void teardown(void) {
-  if (rt.thread_started) {
-    pthread_mutex_lock(&ra_mu);
-    rt.quit = 1;
-    pthread_cond_broadcast(&ra_work);
-    pthread_mutex_unlock(&ra_mu);
-    pthread_join(rt.thread, NULL);
-  }
-  if (rt.la_started) {
-    pthread_mutex_lock(&ra_mu);
-    rt.quit = 1;
-    pthread_cond_broadcast(&la_work);
-    pthread_mutex_unlock(&ra_mu);
-    pthread_join(rt.la_thread, NULL);
-  }
+  stop_readers(rt.thread, rt.thread_started, &ra_work);
+  stop_readers(rt.la_thread, rt.la_started, &la_work);
   pool_stop(&ahead_pool);
   pool_stop(&fetch_pool);
   pool_stop(&la_pool);
@@ -739,10 +745,7 @@ static int open_runtime(const char* fn, const char* path) {
       rt.ahead_buf[b] = rt.region + b * stride;
     }
     buffers += (double)(rt.nbuf * wlb);
-    if (warm(fn, &ahead_pool, c->queue_depth) != 0) return -1;
-    int e = pthread_create(&rt.thread, NULL, ahead_thread, NULL);
-    if (e != 0) return fail("RuntimeError", "%s: cannot start the read-ahead thread: %s", fn, strerror(e));
-    rt.thread_started = 1;
+    if (start_readers(fn, &ahead_readers, &rt.thread, &rt.thread_started) != 0) return -1;
   }
   if (c->lru_per_layer > 0) {
     const int64_t cap = c->lru_per_layer;
@@ -772,10 +775,7 @@ static int open_runtime(const char* fn, const char* path) {
                     (long long)rt.stage_cap, strerror(ERRNO));
     }
     buffers += (double)(rt.npf * rt.stage_cap);
-    if (warm(fn, &la_pool, c->queue_depth) != 0) return -1;
-    int e = pthread_create(&rt.la_thread, NULL, la_thread_main, NULL);
-    if (e != 0) return fail("RuntimeError", "%s: cannot start the prefetch thread: %s", fn, strerror(e));
-    rt.la_started = 1;
+    if (start_readers(fn, &la_readers, &rt.la_thread, &rt.la_started) != 0) return -1;
   }
   memset(rt.st, 0, sizeof rt.st);
   queue_depth_reset();
@@ -862,6 +862,15 @@ EXPORT int __tvm_ffi_ripple_rt_whole(void* self, const TVMFFIAny* args, int32_t 
   return rc;
 }
 
+/* (layer, logits (T, n) float32): what prefetch and fetch take. */
+static int layer_logits_args(const char* fn, const TVMFFIAny* args, int32_t n, int64_t* layer,
+                             DLTensor** logits) {
+  return want_args(fn, n, 2) || arg_int(args, 0, fn, "layer", layer) ||
+                 arg_tensor(args, 1, fn, "logits", kDLFloat, 32, 0, logits)
+             ? -1
+             : 0;
+}
+
 /* rt.act[i] = 1 for the neurons some row of logits (T, n) puts above thr (every one with
  * sets_all). */
 static int active_of(const char* fn, const DLTensor* logits, float thr) {
@@ -893,9 +902,7 @@ EXPORT int __tvm_ffi_ripple_rt_prefetch(void* self, const TVMFFIAny* args, int32
   int64_t layer = 0;
   DLTensor* logits;
   (void)self;
-  if (want_args(fn, n, 2) || arg_int(args, 0, fn, "layer", &layer) ||
-      arg_tensor(args, 1, fn, "logits", kDLFloat, 32, 0, &logits))
-    return -1;
+  if (layer_logits_args(fn, args, n, &layer, &logits) != 0) return -1;
   pthread_mutex_lock(&rt_mu);
   int rc = -1;
   const rt_config_t* c = &rt.cfg;
@@ -958,9 +965,7 @@ EXPORT int __tvm_ffi_ripple_rt_fetch(void* self, const TVMFFIAny* args, int32_t 
   int64_t layer = 0;
   DLTensor* logits;
   (void)self;
-  if (want_args(fn, n, 2) || arg_int(args, 0, fn, "layer", &layer) ||
-      arg_tensor(args, 1, fn, "logits", kDLFloat, 32, 0, &logits))
-    return -1;
+  if (layer_logits_args(fn, args, n, &layer, &logits) != 0) return -1;
   pthread_mutex_lock(&rt_mu);
   int rc = -1;
   const rt_config_t* c = &rt.cfg;
