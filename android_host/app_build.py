@@ -121,9 +121,10 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
     share, share_source = _pinned_share(pinned_share, mode, left, layout, profile, storage_file, queue_depth)
     pinned_ids = _pinned_bundles(mode, int(left * share), layout.bundle_bytes, desc.d_ffn, profile,
                                  desc.source_hash)
-    n_sparse = int((mode == LAYER_SPARSE).sum())
-    lru = 0 if not n_sparse else min(desc.d_ffn, max(left - sum(map(len, pinned_ids)) * layout.bundle_bytes, 0)
-                                     // (n_sparse * layout.bundle_bytes))
+    n_sparse, n_pinned = int((mode == LAYER_SPARSE).sum()), sum(map(len, pinned_ids))
+    # the rest an LRU per sparse layer, unless every bundle is pinned already
+    lru = 0 if n_pinned == n_sparse * desc.d_ffn else \
+        min(desc.d_ffn, max(left - n_pinned * layout.bundle_bytes, 0) // (n_sparse * layout.bundle_bytes))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     os.chmod(tmp, 0o755)
@@ -212,7 +213,7 @@ def build_app(layout_dir: str, out_dir: str, model: str | None = None, target: s
                    "storage_profile": STORAGE_FILE if storage_file is not None else None,
                    "budget_bytes": int(budget_mb * (1 << 20)),
                    "pinned_bytes": int(pinned.sum()) * (copy.layer_bytes if copy is not None else 0)
-                   + (sum(len(p) for p in pinned_ids) + lru * n_sparse) * layout.bundle_bytes},
+                   + (n_pinned + lru * n_sparse) * layout.bundle_bytes},
             "compile_seconds": round(compile_s, 2),
             "files": {}, "tvm": tvm.__version__,
         }
@@ -337,14 +338,21 @@ def _pinned_share(share: float | None, mode: np.ndarray, budget_bytes: int, layo
     if profile is None or storage_file is None:
         return 1.0, "default: choosing it needs --profile and --storage"
     from ..runtime_py.strategies import Strategy, tune
-    from ..tuning.profile import load_profile
     from .devices import load_device
     sparse = np.flatnonzero(mode == LAYER_SPARSE)
-    calib = load_profile(profile).masks("calib")[sparse]
+    calib = _own_profile(profile, layout.manifest.source_hash).masks("calib")[sparse]
     s = Strategy("compiled", "ours", "collapse", "hybrid", pinned_share=None, pin_by="frequency")
     best, notes = tune(s, calib, layout.perm[sparse], layout.bundle_bytes, budget_bytes,
                        load_device(storage_file).storage, queue_depth)
     return float(best.pinned_share), f"storage model on the profile's calibration masks: {notes.get('modelled_ms')}"
+
+
+def _own_profile(profile: str, source_hash: str):
+    from ..tuning.profile import load_profile
+    p = load_profile(profile)
+    if p.source_hash != source_hash:
+        raise AppError(f"{profile}: profiled on another checkpoint than the layout's; give its own profile")
+    return p
 
 
 def _pinned_bundles(mode: np.ndarray, budget_bytes: int, bundle_bytes: int, n: int, profile: str | None,
@@ -366,10 +374,7 @@ def _pinned_bundles(mode: np.ndarray, budget_bytes: int, bundle_bytes: int, n: i
     if profile is None:
         raise AppError(f"--budget-mb holds {k} of the {len(sparse) * n} bundles of sparse layers: give the "
                        "profile (--profile, as packed) to choose the ones that fire most often")
-    from ..tuning.profile import load_profile
-    p = load_profile(profile)
-    if p.source_hash != source_hash:
-        raise AppError(f"{profile}: profiled on another checkpoint than the layout's; give its own profile")
+    p = _own_profile(profile, source_hash)
     freq = np.stack([np.unpackbits(p.masks_calib[l], axis=-1, count=n).mean(axis=0) for l in sparse])  # (S, n)
     top = np.argsort(-freq, axis=None, kind="stable")[:k]
     rows, ids = np.unravel_index(top, freq.shape)

@@ -37,10 +37,9 @@ class StepIO:
     active: int
     cache_hits: int
     # lookahead (ripple.rt.prefetch): bytes its reads took, bundles of the layers' own sets read
-    # on demand, prefetched bundles no set used; requests in flight as each one started
+    # on demand; requests in flight as each one started
     prefetched_bytes: int = 0
     misses: int = 0
-    prefetched_unused: int = 0
     queue_depth_mean: float = 0.0
     queue_depth_max: int = 0          # since the runtime opened
 
@@ -56,7 +55,7 @@ class StepIO:
         d = b - a
         return cls(float(d[IO_WAIT]), float(d[READ_S]), int(d[BYTES_READ]), int(d[BYTES_NEEDED]),
                    int(d[READS]), int(d[ACTIVE]), int(d[CACHE_HITS]), int(d[PF_BYTES]), int(d[MISSES]),
-                   int(d[PF_UNUSED]), float(d[QD_SUM] / d[QD_SAMPLES]) if d[QD_SAMPLES] else 0.0,
+                   float(d[QD_SUM] / d[QD_SAMPLES]) if d[QD_SAMPLES] else 0.0,
                    int(b[QD_MAX]))
 
 

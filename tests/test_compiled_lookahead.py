@@ -14,11 +14,9 @@ from ripple.android_host.cli import main
 from ripple.android_host.interface import pack_cmd, train_predictor_cmd
 from ripple.compile.app_files import APP_FILE
 from ripple.compile.runtime_config import read_runtime_config
-from ripple.runtime_py.app_session import ACTIVE, BYTES_READ, CACHE_HITS, FETCHES, AppSession
+from ripple.runtime_py.app_session import (ACTIVE, BYTES_READ, CACHE_HITS, FETCHES, MISSES, PF_BYTES, PF_USED,
+                                           PREFETCHES, QD_MAX, QD_SAMPLES, QD_SUM, AppSession)
 from ripple.tuning.profile import save_profile
-
-# ripple.rt.stats slots of the lookahead (compile/native/flash_runtime.c)
-PREFETCHES, PF_BYTES, PF_USED, PF_UNUSED, MISSES, QD_MAX, QD_SUM, QD_SAMPLES, PF_WAIT = range(15, 24)
 
 
 @pytest.fixture(scope="module")
