@@ -44,7 +44,8 @@ RT_STATS, RT_CLOSE, RT_STEP = "ripple_rt_stats", "ripple_rt_close", "ripple_rt_s
 ABI_FN, GLOBALS_FN = "ripple_native_abi", "ripple_native_globals"
 GLOBALS = ("ripple.storage.prepare", "ripple.storage.probe", "ripple.flash.read_extents",
            "ripple.flash.bind", "ripple.flash.read", "ripple.flash.stats",
-           "ripple.rt.open", "ripple.rt.whole", "ripple.rt.fetch", "ripple.rt.prefetch", "ripple.rt.stats", "ripple.rt.close",
+           "ripple.rt.open", "ripple.rt.whole", "ripple.rt.fetch", "ripple.rt.prefetch",
+           "ripple.rt.stats", "ripple.rt.close",
            "ripple.rt.step",
            "ripple.native.abi", "ripple.native.globals")
 HOOK_GLOBAL = "ripple.flash.read"      # compile.graph.FLASH_READ; kept when already registered

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from ripple.android_host import bench_app, bench_e2e
-from ripple.android_host.bench_e2e import (APP_CONFIGS, CONFIG_KEYS, CONFIGS, EXTRA_KEYS, TARGETS, assemble, median_rounds,
-                                           prepare_ours, python_ppl_worker, targets)
+from ripple.android_host.bench_e2e import (APP_CONFIGS, CONFIG_KEYS, CONFIGS, EXTRA_KEYS, TARGETS, assemble,
+                                           median_rounds, prepare_ours, python_ppl_worker, targets)
 from ripple.android_host.cli import main
 from ripple.android_host.devices import load_device, published_table
 
