@@ -130,3 +130,23 @@ def test_the_native_runner_runs_a_lookahead_app(layouts, tmp_path):
                         "--json", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(out.read_text())["ids"] == gen.ids
+
+
+def test_verify_checks_what_the_prefetches_read(layouts, tmp_path):
+    from ripple.layout.reader import open_layout
+    tmp, _ = layouts
+    app = tmp_path / "app"
+    compile_cmd(str(app), layout=str(tmp / "layout"), lookahead=1, verify=True)
+    with AppSession(app) as s:
+        s.generate([5, 9], 3)                         # clean: every read passes its check
+    lay = open_layout(tmp / "layout")
+    start = int(lay.region_offsets[1])
+    end = start + lay.perm.shape[1] * lay.bundle_bytes
+    with open(app / "model.rflash", "r+b") as f:      # one byte of every block of layer 1's region
+        for at in range(start + 7, end, lay.alignment):
+            f.seek(at)
+            b = f.read(1)
+            f.seek(at)
+            f.write(bytes([b[0] ^ 0xFF]))
+    with AppSession(app) as s, pytest.raises(Exception, match=r"\(prefetched\): .*does not match its checksum"):
+        s.generate([5, 9], 3)

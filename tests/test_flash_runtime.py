@@ -24,8 +24,8 @@ IO_WAIT, READ_S, BYTES, NEEDED, REQUESTS, ACTIVE, HITS, FETCHES, WHOLES, PINNED,
 def rt():
     """The globals, after the host build is loaded into this process."""
     mod = nr.load_reader()
-    fns = {name: tvm.get_global_func(f"ripple.rt.{name}") for name in ("open", "whole", "fetch", "stats",
-                                                                     "close")}
+    fns = {name: tvm.get_global_func(f"ripple.rt.{name}") for name in ("open", "whole", "fetch", "prefetch",
+                                                                     "stats", "close")}
     assert mod[nr.RT_FETCH] is not None       # also a module function, for a runner that dlopens it
     yield fns
     fns["close"]()
@@ -441,3 +441,90 @@ def test_verify_tables_read_back_and_a_short_one_is_refused_at_open(rt, layout, 
                                          r"bundles file's checksum table covers \d+") as e:
         rt["open"](config(layout, name="short.cfg", **short))
     one_line(e)
+
+
+PREFETCHES, PF_BYTES, PF_USED, PF_UNUSED, MISSES, QD_MAX, QD_SUM, QD_SAMPLES, PF_WAIT = range(15, 24)
+
+
+def prefetch(rt, layer, logits) -> int:
+    return rt["prefetch"](layer, tvm.runtime.tensor(np.ascontiguousarray(logits, np.float32)))
+
+
+@pytest.mark.parametrize("gap", [0, 65536], ids=["exact", "collapse"])
+def test_a_prefetched_layer_returns_its_own_set_taking_what_was_read_ahead(rt, layout, gap):
+    la = np.full(L, np.inf, np.float32)
+    la[1:] = 0.5                                  # layers 1..3 may be prefetched
+    rt["open"](config(layout, lookahead=2, la_thresholds=la, collapse_gap_bytes=gap))
+    rng = np.random.default_rng(gap + 1)
+    for i in range(12):
+        layer = int(rng.integers(1, L))
+        ahead, own = rng.standard_normal((1, N)), rng.standard_normal((2, N))
+        before = stats(rt)
+        assert prefetch(rt, layer, ahead) > 0
+        got = fetch(rt, layer, own)
+        d = stats(rt) - before
+        ids = np.flatnonzero((own > 1.0).any(axis=0))        # the layer's own set, nothing else
+        assert row_set(got.view(np.uint8)) == row_set(file_bundles(layout, layer, ids)) and len(got) == len(ids)
+        predicted = (ahead > 0.5).any(axis=0)
+        plan = plan_reads(np.sort(layout.slot_of[layer][np.flatnonzero(predicted)]),
+                          int(layout.region_offsets[layer]), layout.bundle_bytes, layout.alignment, gap, 0)
+        assert d[PF_BYTES] == plan.extents[:, 1].sum() and d[PREFETCHES] == 1, f"call {i}"
+        # every bundle of the set came from the prefetch or was a miss read on demand
+        assert d[PF_USED] + d[MISSES] == len(ids) and d[PF_USED] >= (predicted[ids]).sum()
+        assert d[BYTES] >= d[PF_BYTES] and d[IO_WAIT] >= d[PF_WAIT] >= 0
+    s = stats(rt)
+    assert 1 <= s[QD_MAX] <= 8 and s[QD_SUM] >= s[QD_SAMPLES] > 0
+
+
+def test_a_second_prefetch_before_the_fetch_replaces_the_first(rt, layout):
+    la = np.full(L, np.inf, np.float32)
+    la[2] = 0.0
+    rt["open"](config(layout, lookahead=1, la_thresholds=la))
+    prefetch(rt, 2, np.full((1, N), 1.0))                     # everything
+    prefetch(rt, 2, np.where(np.arange(N) < 10, 1.0, -1.0)[None, :])   # then ten
+    own = np.where(np.arange(N) < 20, 2.0, -2.0)[None, :]
+    got = fetch(rt, 2, own)
+    assert row_set(got.view(np.uint8)) == row_set(file_bundles(layout, 2, np.arange(20)))
+    # The first (everything) was dropped: what the second's blocks do not hold is read on demand.
+    from ripple.runtime_py.planner import covered_slots
+    region = int(layout.region_offsets[2])
+    second = plan_reads(np.sort(layout.slot_of[2][:10]), region, layout.bundle_bytes, layout.alignment)
+    held = layout.perm[2][covered_slots(second, region, layout.bundle_bytes, N)]
+    assert stats(rt)[MISSES] == len(np.setdiff1d(np.arange(20), held)) > 0
+
+
+def test_prefetch_refuses_a_layer_the_config_does_not_prefetch(rt, layout):
+    la = np.full(L, np.inf, np.float32)
+    la[1] = 0.0
+    rt["open"](config(layout, lookahead=1, la_thresholds=la))
+    with pytest.raises(ValueError, match=r"ripple.rt.prefetch: layer 2 is not prefetched in this config") as e:
+        prefetch(rt, 2, np.zeros((1, N)))
+    one_line(e)
+    with pytest.raises(ValueError, match="be > 0 when a layer is prefetched"):     # the writer refuses it
+        config(layout, name="bad.cfg", lookahead=0, la_thresholds=la)
+    # and the runtime too, given such a file: the header's lookahead (field 20) set to 0
+    raw = bytearray(open(config(layout, name="la.cfg", lookahead=1, la_thresholds=la), "rb").read())
+    raw[8 + 8 * 20:8 + 8 * 21] = (0).to_bytes(8, "little")
+    (layout.path.parent / "la0.cfg").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"layer 1: lookahead threshold 0: only a sparse layer is prefetched, "
+                                         r"with a lookahead > 0") as e:
+        rt["open"](str(layout.path.parent / "la0.cfg"))
+    one_line(e)
+
+
+def test_the_lru_keeps_what_a_layer_read_and_serves_it_again(rt, layout):
+    rt["open"](config(layout, lru_per_layer=50))
+    assert stats(rt)[PINNED] == L * 50 * layout.bundle_bytes
+    own = np.where(np.arange(N) < 40, 2.0, -2.0)[None, :]
+    first = fetch(rt, 3, own)
+    before = stats(rt)
+    again = fetch(rt, 3, own)
+    d = stats(rt) - before
+    assert d[HITS] == 40 and d[BYTES] == 0                     # all 40 kept, none read
+    assert row_set(again.view(np.uint8)) == row_set(first.view(np.uint8)) \
+        == row_set(file_bundles(layout, 3, np.arange(40)))
+    # 40 others push 30 of them out (50 rows): 10 stay
+    fetch(rt, 3, np.where((np.arange(N) >= 100) & (np.arange(N) < 140), 2.0, -2.0)[None, :])
+    before = stats(rt)
+    fetch(rt, 3, own)
+    assert (stats(rt) - before)[HITS] == 10
