@@ -264,8 +264,9 @@ def _timed_decode(tm, steps: int) -> tuple:
 def lookahead_trace(s, wl: Workload, held, ahead: dict, layout, budget_bytes: int, storage, queue_depth: int,
                     warmup: int, compute: tuple):
     """Strategy s's lookahead reads of the held-out tokens planned for `storage`, at its distance
-    or (distance None) at each of `ahead`'s, keeping the least modelled wait on `storage`;
-    the trace's meta keeps every distance's wait (ms per token)."""
+    J or (distance None) at each of `ahead`'s, keeping the least modelled wait on `storage`;
+    the trace's meta keeps every distance's wait (ms per token). Layer t reads the set
+    predicted min(J, t) layers before it, as `ripple compile --lookahead J` issues them."""
     import numpy as np
 
     from ..runtime_py.lookahead_timeline import plan_lookahead_trace, trace_timelines
@@ -275,10 +276,12 @@ def lookahead_trace(s, wl: Workload, held, ahead: dict, layout, budget_bytes: in
     dists = sorted(ahead) if s.distance is None else [s.distance]
     best, per = None, {}
     for j in dists:
-        if j not in ahead:
-            raise BenchError(f"--lookahead-distance {j}: the lookahead file has distances {sorted(ahead)}")
+        if not set(range(1, j + 1)) <= set(ahead):
+            raise BenchError(f"--lookahead-distance {j}: the lookahead file has distances {sorted(ahead)}, "
+                             f"it needs 1..{j}")
+        sets = np.stack([ahead[max(1, min(j, t))][t, :held.shape[1]] for t in range(held.shape[0])])
         cache = build_cache(s, budget_bytes, wl.spec.bundle_bytes, layout.perm, wl.calib)
-        tr = plan_lookahead_trace(s, held, ahead[j][:, :held.shape[1]], j, layout.perm, cache, layout.region_offsets,
+        tr = plan_lookahead_trace(s, held, sets, j, layout.perm, cache, layout.region_offsets,
                                   wl.spec.bundle_bytes, storage, queue_depth, warmup, layout.alignment)
         per[j] = float(np.mean([x.waited_s for x in trace_timelines(tr, *compute[:2], storage, queue_depth)]) * 1e3)
         if best is None or per[j] < per[best.distance]:

@@ -1,14 +1,16 @@
 """Timeline of one token's decode, layers in series, one device queue: how long the FFNs
 wait for their bundles when reads are issued at the layer's own FFN input (every strategy
-before lookahead) or `distance` layers earlier (issue 25).
+before lookahead) or layers earlier (issue 25): with distance J, layer t's at layer
+t - min(J, t)'s FFN input, as the compiled runtime issues them (`ripple compile --lookahead
+J`: layer 0 has no layer before it, layers 1..J-1 go as far ahead as they can).
 
 Per layer l the token computes `pre_s[l]` (attention, norms) up to its FFN input, waits for
 the layer's bundles, then computes `ffn_s[l]`. Reads are issued at FFN inputs:
 - at layer l's input, layer l's `demand` extents (without lookahead: all of its reads; with
   lookahead: the bundles of its own set that neither the cache nor the reads issued ahead
   hold, known only now), and
-- layer l + distance's `ahead` extents (its set predicted from layer l's FFN input,
-  tuning.lookahead), which join the same queue as every other layer's.
+- the `ahead` extents of every layer t whose source (`sources`) is l (its set predicted from
+  layer l's FFN input, tuning.lookahead), which join the same queue as every other layer's.
 
 The device serves requests first in, first out; a request occupies it for
 storage_model.service_s(size, q) = latency(size, q) / q (Little's law), q the requests
@@ -49,7 +51,7 @@ class TimelineError(ValueError):
 @dataclass
 class LayerReads:
     """One layer's reads in one token: (m, 2) extents (offset, length)."""
-    ahead: np.ndarray      # issued at the FFN input of layer - distance
+    ahead: np.ndarray      # issued at the FFN input of its source layer (`sources`)
     demand: np.ndarray     # issued at this layer's own FFN input
 
 
@@ -64,6 +66,13 @@ class Timeline:
     requests: int
     max_queue_depth: int
     mean_queue_depth: float
+
+
+def sources(distance: int, L: int) -> np.ndarray:
+    """(L,) the layer whose FFN input each layer's reads ahead are issued at: t - min(J, t);
+    -1 where none is (layer 0, or distance 0)."""
+    t = np.arange(L)
+    return np.where((t > 0) & (distance > 0), t - np.minimum(distance, t), -1)
 
 
 def request_service_s(p: StorageProfile, extents: np.ndarray, qd: int) -> np.ndarray:
@@ -91,15 +100,16 @@ def request_service_s(p: StorageProfile, extents: np.ndarray, qd: int) -> np.nda
 def token_timeline(reads: list[LayerReads], distance: int, pre_s, ffn_s, storage: StorageProfile,
                    queue_depth: int) -> Timeline:
     """reads[l] for each layer l; pre_s, ffn_s: (L,) seconds. Layer t's `ahead` extents are
-    issued at layer t - distance's FFN input (so none for t < distance)."""
+    issued at layer t - min(distance, t)'s FFN input (`sources`; none for layer 0)."""
     L = len(reads)
     pre_s, ffn_s = np.broadcast_to(np.asarray(pre_s, np.float64), (L,)), \
         np.broadcast_to(np.asarray(ffn_s, np.float64), (L,))
     if queue_depth < 1 or (pre_s < 0).any() or (ffn_s < 0).any():
         raise TimelineError("queue depth must be at least 1 and compute times non-negative")
+    src = sources(distance, L)
     for t, r in enumerate(reads):
-        if len(r.ahead) and not 1 <= distance <= t:
-            raise TimelineError(f"layer {t} has reads issued ahead, but no layer lies {distance} before it")
+        if len(r.ahead) and src[t] < 0:
+            raise TimelineError(f"layer {t} has reads issued ahead, but no layer before it to issue them at")
     done: list[float] = []         # completion times, increasing (one server, first in first out)
     events: list[tuple[float, int]] = []
     free, now, layer_waited = 0.0, 0.0, np.zeros(L)
@@ -107,8 +117,7 @@ def token_timeline(reads: list[LayerReads], distance: int, pre_s, ffn_s, storage
     for l in range(L):
         now += pre_s[l]
         batches = [(l, np.asarray(reads[l].demand, np.int64).reshape(-1, 2))]
-        if distance >= 1 and l + distance < L:
-            batches.append((l + distance, np.asarray(reads[l + distance].ahead, np.int64).reshape(-1, 2)))
+        batches += [(int(u), np.asarray(reads[u].ahead, np.int64).reshape(-1, 2)) for u in np.flatnonzero(src == l)]
         n_new = sum(len(e) for _, e in batches)
         if n_new:
             # Issued together: all of them are in flight beside what is still outstanding.
@@ -164,11 +173,12 @@ def plan_lookahead_trace(s: Strategy, own: np.ndarray, ahead: np.ndarray, distan
                          storage: StorageProfile, queue_depth: int, warmup: int = 0,
                          align: int = 4096) -> TracePlan:
     """own (L, T, n): each layer's set, known at its FFN input (the same-layer predictor's);
-    ahead (L, T, n): layer l's set predicted from layer l - distance's FFN input (rows
-    l < distance are not used). Per token and layer: the ahead plan covers the predicted set
-    minus what the cache holds (planned with strategy s's planner); the cache then sees the
-    layer's own set as in strategies.plan_trace, and the needed bundles no ahead read covers
-    are planned on demand (misses). The first `warmup` tokens only warm the cache."""
+    ahead (L, T, n): layer t's set predicted from its source layer's FFN input (`sources`:
+    t - min(distance, t); row 0 is not used). Per token and layer: the ahead plan covers
+    the predicted set minus what the cache holds (planned with strategy s's planner); the
+    cache then sees the layer's own set as in strategies.plan_trace, and the needed bundles
+    no ahead read covers are planned on demand (misses). The first `warmup` tokens only warm
+    the cache."""
     own, ahead = np.asarray(own, bool), np.asarray(ahead, bool)
     perm = np.asarray(perm, np.int64)
     L, T, n = own.shape
@@ -176,6 +186,7 @@ def plan_lookahead_trace(s: Strategy, own: np.ndarray, ahead: np.ndarray, distan
         raise TimelineError(f"lookahead sets {ahead.shape} vs own sets {own.shape}, distance {distance}: "
                             f"need equal shapes and a distance in 1..{L - 1}")
     slot_of = np.argsort(perm, axis=1)
+    src = sources(distance, L)
 
     def plan(l: int, ids: np.ndarray) -> pl.Plan:
         return layer_plan(s, np.sort(slot_of[l][ids]), n, int(region_offsets[l]), bundle_bytes, storage,
@@ -189,11 +200,11 @@ def plan_lookahead_trace(s: Strategy, own: np.ndarray, ahead: np.ndarray, distan
         early = [plan(l, np.zeros(0, np.int64)) for l in range(L)]
         row, act, hit, miss = [], [], [], []
         for l in range(L):
-            # Layer l + distance's reads are planned at layer l's input, before l + distance
-            # is accessed this token: the cache is what it held then.
-            if l + distance < L:
-                ids = np.flatnonzero(ahead[l + distance, t])
-                early[l + distance] = plan(l + distance, ids[~cache.contains(l + distance, ids)])
+            # The reads of the layers whose source is l are planned at l's input, before those
+            # layers are accessed this token: the cache is what it held then.
+            for u in np.flatnonzero(src == l):
+                ids = np.flatnonzero(ahead[u, t])
+                early[u] = plan(int(u), ids[~cache.contains(int(u), ids)])
             ids = np.flatnonzero(own[l, t])
             h = cache.access(t, l, ids)
             need = ids[~h]
@@ -254,6 +265,7 @@ def measured_token(io: ThreadPoolExecutor, reader, reads: list[LayerReads], dist
 
 def _measured(io, reader, reads, distance, pre_s, ffn_s) -> MeasuredToken:
     L = len(reads)
+    src = sources(distance, L)
     pending: list[list] = [[] for _ in range(L)]
     waited = np.zeros(L)
     t0 = time.perf_counter()
@@ -262,8 +274,9 @@ def _measured(io, reader, reads, distance, pre_s, ffn_s) -> MeasuredToken:
         at = time.perf_counter()         # the FFN input: issuing the reads is part of the wait
         if len(reads[l].demand):
             pending[l].append(io.submit(reader.read, reads[l].demand))
-        if distance >= 1 and l + distance < L and len(reads[l + distance].ahead):
-            pending[l + distance].append(io.submit(reader.read, reads[l + distance].ahead))
+        for u in np.flatnonzero(src == l):
+            if len(reads[u].ahead):
+                pending[u].append(io.submit(reader.read, reads[u].ahead))
         for f in pending[l]:
             f.result()                   # a read error surfaces here, on the layer that needed it
         waited[l] = time.perf_counter() - at

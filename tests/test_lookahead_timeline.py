@@ -10,7 +10,7 @@ from ripple.android_host.devices import published_table
 from ripple.runtime_py import storage_model as sm
 from ripple.runtime_py.cache import make_cache
 from ripple.runtime_py.lookahead_timeline import (LayerReads, TimelineError, layer_reads, plan_lookahead_trace,
-                                                  token_timeline)
+                                                  sources, token_timeline)
 from ripple.runtime_py.strategies import Strategy, virtual_offsets
 
 EMPTY = np.zeros((0, 2), np.int64)
@@ -80,9 +80,18 @@ def test_queue_depth_never_exceeds_the_readers():
 
 def test_reads_ahead_of_a_layer_nothing_lies_before_are_refused():
     ext = layers(5, L=3)
-    with pytest.raises(TimelineError, match="layer 1"):
-        token_timeline([LayerReads(EMPTY, ext[0]), LayerReads(ext[1], EMPTY), LayerReads(EMPTY, ext[2])], 2,
+    with pytest.raises(TimelineError, match="layer 0"):
+        token_timeline([LayerReads(ext[0], EMPTY), LayerReads(ext[1], EMPTY), LayerReads(EMPTY, ext[2])], 2,
                        0.0, 0.0, PHONE, 8)
+
+
+def test_layers_before_the_distance_go_as_far_ahead_as_they_can():
+    """As the compiled runtime: distance 3 issues layers 1, 2, 3 at layer 0, layer 4 at 1."""
+    assert sources(3, 6).tolist() == [-1, 0, 0, 0, 1, 2] and sources(0, 3).tolist() == [-1, -1, -1]
+    ext = layers(6, L=4, k=5)
+    reads = [LayerReads(EMPTY, ext[0])] + [LayerReads(e, EMPTY) for e in ext[1:]]
+    tl = token_timeline(reads, 3, 0.05, 0.05, PHONE, 32)     # compute far longer than the reads
+    assert tl.layer_waited_s[0] > 0 and (tl.layer_waited_s[1:] == 0).all()
 
 
 def test_misses_and_unused_bytes_are_counted_exactly():
@@ -115,7 +124,8 @@ def test_a_perfect_prediction_leaves_nothing_on_demand():
     perm = np.stack([rng.permutation(n) for _ in range(L)])
     cache = make_cache("linking", L * n * bb // 10, bb, perm, own)
     tr = plan_lookahead_trace(s, own, own, 2, perm, cache, virtual_offsets(L, n, bb), bb, PHONE, 8)
-    assert (tr.misses[:, 2:] == 0).all() and (tr.misses[:, :2] == tr.active[:, :2] - tr.hits[:, :2]).all()
+    # layer 1 goes one layer ahead (as far as it can), 2 and 3 two: only layer 0 reads on demand
+    assert (tr.misses[:, 1:] == 0).all() and (tr.misses[:, 0] == tr.active[:, 0] - tr.hits[:, 0]).all()
 
 
 # ---------------------------------------------------------------- ripple bench io --strategies lookahead
