@@ -57,7 +57,7 @@ def _raw(ms, shift=0.0, verified=True):
 def test_assembled_json_has_the_issue_shape_and_derives_llama_io_from_warm():
     ms = list(np.linspace(10, 20, 33))
     r = assemble("m", 12, 2, {"seq_MBps": 100.0}, _raw(ms))
-    assert set(r) == TOP_KEYS and list(r["configs"]) == list(CONFIGS[:6])
+    assert set(r) == TOP_KEYS and list(r["configs"]) == list(bench_e2e.DEFAULT_CONFIGS["gguf"])
     for row in r["configs"].values():
         assert tuple(row) == ROW_KEYS
     json.dumps(r)                                                # plain JSON values only
