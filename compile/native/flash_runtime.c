@@ -332,12 +332,13 @@ static int read_marked(const char* fn, int64_t layer, const uint8_t* mark, char*
 
 /* ------------------------------------------------------------------ read-ahead */
 
-/* Called with ra_mu held before in_reads changes: read seconds are the wall time with a read
- * in flight, counted as it passes (stats mid-stream include the reads still going). */
-static void count_read_time(void) {
+/* Called with ra_mu held as a pread starts (+1) or ends (-1): read seconds are the wall time
+ * with a read in flight, counted as it passes (stats mid-stream include the reads still going). */
+static void reads_in_flight(int64_t change) {
   double t = now_s();
   if (rt.in_reads > 0) rt.st[ST_READ_SECONDS] += t - rt.reads_mark;
   rt.reads_mark = t;
+  rt.in_reads += change;
 }
 
 /* A reader of the read-ahead pool (every participant runs it until close): takes the next
@@ -364,20 +365,14 @@ static void stream_reads(job_t* j, int idx) {
     int64_t layer = a->layer;
     int skip = a->failed;  /* the rest of a failed layer is not read */
     ++rt.busy;
-    if (!skip) {
-      count_read_time();
-      ++rt.in_reads;
-    }
+    if (!skip) reads_in_flight(1);
     pthread_mutex_unlock(&ra_mu);
     memset(&one, 0, sizeof one);
     one.fd = rt.wfd;
     int bad_read = !skip && read_full(&one, buf + at, rt.cfg.whole_offsets[layer] + at,
                                       wlb - at < rt.piece ? wlb - at : rt.piece) != 0;
     pthread_mutex_lock(&ra_mu);
-    if (!skip) {
-      count_read_time();
-      --rt.in_reads;
-    }
+    if (!skip) reads_in_flight(-1);
     if (bad_read && !a->failed) {
       a->failed = 1;
       job_message(a->err, sizeof a->err, "ripple.rt.whole", rt.cfg.whole_path, &one);
@@ -491,10 +486,7 @@ static void la_reads(job_t* j, int idx) {
     pf_t* f = &rt.pf[q[0]];
     int64_t off = q[1], len = q[2], at = q[3];
     int skip = f->failed;
-    if (!skip) {
-      count_read_time();
-      ++rt.in_reads;
-    }
+    if (!skip) reads_in_flight(1);
     pthread_mutex_unlock(&ra_mu);
     memset(&one, 0, sizeof one);
     one.fd = rt.bfd;
@@ -503,10 +495,7 @@ static void la_reads(job_t* j, int idx) {
     int64_t bad = !skip && !bad_read && rt.cfg.verify
                       ? bad_block(rt.cfg.bundle_crcs, off, f->buf + at, len, &io) : -1;
     pthread_mutex_lock(&ra_mu);
-    if (!skip) {
-      count_read_time();
-      --rt.in_reads;
-    }
+    if (!skip) reads_in_flight(-1);
     if (bad_read && !f->failed) {
       f->failed = 1;
       job_message(f->err, sizeof f->err, "ripple.rt.fetch (prefetched)", rt.cfg.bundles_path, &one);
@@ -862,13 +851,23 @@ EXPORT int __tvm_ffi_ripple_rt_whole(void* self, const TVMFFIAny* args, int32_t 
   return rc;
 }
 
-/* (layer, logits (T, n) float32): what prefetch and fetch take. */
-static int layer_logits_args(const char* fn, const TVMFFIAny* args, int32_t n, int64_t* layer,
-                             DLTensor** logits) {
-  return want_args(fn, n, 2) || arg_int(args, 0, fn, "layer", layer) ||
-                 arg_tensor(args, 1, fn, "logits", kDLFloat, 32, 0, logits)
-             ? -1
-             : 0;
+/* What prefetch and fetch do once their (layer, logits (T, n) float32) are checked and the
+ * runtime is theirs (rt_mu held): 0, or -1 with the error raised. */
+typedef int (*sparse_call_fn)(const char* fn, int64_t layer, const DLTensor* logits, TVMFFIAny* result);
+
+/* The packed function around such a body: its arguments parsed, one call at a time, the layer
+ * checked to be sparse. */
+static int sparse_call(const char* fn, const TVMFFIAny* args, int32_t n, TVMFFIAny* result,
+                       sparse_call_fn body) {
+  int64_t layer = 0;
+  DLTensor* logits;
+  if (want_args(fn, n, 2) || arg_int(args, 0, fn, "layer", &layer) ||
+      arg_tensor(args, 1, fn, "logits", kDLFloat, 32, 0, &logits))
+    return -1;
+  pthread_mutex_lock(&rt_mu);
+  int rc = check_layer(fn, layer, 0) != 0 ? -1 : body(fn, layer, logits, result);
+  pthread_mutex_unlock(&rt_mu);
+  return rc;
 }
 
 /* rt.act[i] = 1 for the neurons some row of logits (T, n) puts above thr (every one with
@@ -897,22 +896,12 @@ static int active_of(const char* fn, const DLTensor* logits, float thr) {
  * readers; it returns at once. The layer's fetch then takes what they read and reads the rest
  * of its own set on demand. A prefetch of a layer still holding an earlier one's bundles (no
  * fetch came between) waits for those reads and drops them. */
-EXPORT int __tvm_ffi_ripple_rt_prefetch(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
-  static const char* fn = "ripple.rt.prefetch";
-  int64_t layer = 0;
-  DLTensor* logits;
-  (void)self;
-  if (layer_logits_args(fn, args, n, &layer, &logits) != 0) return -1;
-  pthread_mutex_lock(&rt_mu);
-  int rc = -1;
+static int prefetch(const char* fn, int64_t layer, const DLTensor* logits, TVMFFIAny* result) {
   const rt_config_t* c = &rt.cfg;
-  if (check_layer(fn, layer, 0) != 0) goto done;
-  if (!(c->la_thresholds[layer] < INFINITY)) {
-    fail("ValueError", "%s: layer %lld is not prefetched in this config (no lookahead threshold); "
-         "compile the APP with --lookahead", fn, (long long)layer);
-    goto done;
-  }
-  if (active_of(fn, logits, c->la_thresholds[layer]) != 0) goto done;
+  if (!(c->la_thresholds[layer] < INFINITY))
+    return fail("ValueError", "%s: layer %lld is not prefetched in this config (no lookahead threshold); "
+                "compile the APP with --lookahead", fn, (long long)layer);
+  if (active_of(fn, logits, c->la_thresholds[layer]) != 0) return -1;
   const int64_t N = c->n, bb = c->bundle_bytes, base = c->region_offsets[layer];
   const int32_t* so = c->slot_of + layer * N;
   const int32_t* pin = rt.pin_row + layer * N;
@@ -926,7 +915,7 @@ EXPORT int __tvm_ffi_ripple_rt_prefetch(void* self, const TVMFFIAny* args, int32
   f->layer = -1;
   pthread_mutex_unlock(&ra_mu);
   plan_t p;
-  if (plan_marked(fn, layer, rt.mark, &p) != 0) goto done;
+  if (plan_marked(fn, layer, rt.mark, &p) != 0) return -1;
   /* every slot whose bundle an extent holds whole is read: gaps collapsed in come too */
   int64_t covered = 0;
   for (int64_t s = 0; s < N; ++s) f->slot_off[s] = -1;
@@ -954,23 +943,17 @@ EXPORT int __tvm_ffi_ripple_rt_prefetch(void* self, const TVMFFIAny* args, int32
   rt.st[ST_PREFETCHES] += 1;
   pthread_mutex_unlock(&ra_mu);
   ret_int(result, p.requests);
-  rc = 0;
-done:
-  pthread_mutex_unlock(&rt_mu);
-  return rc;
+  return 0;
 }
 
-EXPORT int __tvm_ffi_ripple_rt_fetch(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
-  static const char* fn = "ripple.rt.fetch";
-  int64_t layer = 0;
-  DLTensor* logits;
+EXPORT int __tvm_ffi_ripple_rt_prefetch(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
   (void)self;
-  if (layer_logits_args(fn, args, n, &layer, &logits) != 0) return -1;
-  pthread_mutex_lock(&rt_mu);
-  int rc = -1;
+  return sparse_call("ripple.rt.prefetch", args, n, result, prefetch);
+}
+
+static int fetch(const char* fn, int64_t layer, const DLTensor* logits, TVMFFIAny* result) {
   const rt_config_t* c = &rt.cfg;
-  if (check_layer(fn, layer, 0) != 0) goto done;
-  if (active_of(fn, logits, c->thresholds[layer]) != 0) goto done;
+  if (active_of(fn, logits, c->thresholds[layer]) != 0) return -1;
   const int64_t N = c->n, bb = c->bundle_bytes;
   /* the layer's prefetch, if one was issued since its last fetch */
   pf_t* f = rt.npf && rt.pf[layer % rt.npf].layer == layer ? &rt.pf[layer % rt.npf] : NULL;
@@ -995,7 +978,7 @@ EXPORT int __tvm_ffi_ripple_rt_fetch(void* self, const TVMFFIAny* args, int32_t 
   }
   io_t io = {0, 0, 0, 0, 0};
   double t0 = now_s(), pf_wait = 0;
-  if (misses > 0 && read_marked(fn, layer, rt.mark, rt.gather + hits * bb, &k, &io) != 0) goto done;
+  if (misses > 0 && read_marked(fn, layer, rt.mark, rt.gather + hits * bb, &k, &io) != 0) return -1;
   const double demand_s = now_s() - t0;   /* planning and reading the misses */
   k += hits;
   char err[1024] = "";
@@ -1008,8 +991,7 @@ EXPORT int __tvm_ffi_ripple_rt_fetch(void* self, const TVMFFIAny* args, int32_t 
     pthread_mutex_unlock(&ra_mu);
     if (err[0]) {
       f->layer = -1;
-      fail("RuntimeError", "%s", err);
-      goto done;
+      return fail("RuntimeError", "%s", err);
     }
     for (int64_t i = 0; i < N; ++i)
       if (rt.act[i] == 1 && f->slot_off[so[i]] >= 0)
@@ -1045,10 +1027,12 @@ EXPORT int __tvm_ffi_ripple_rt_fetch(void* self, const TVMFFIAny* args, int32_t 
   pthread_mutex_unlock(&ra_mu);
   static const DLDataType dtypes[] = {{kDLUInt, 8, 1}, {kDLInt, 8, 1}, {kDLFloat, 16, 1}};
   const int64_t shape[2] = {k, bb / rt_elem_bytes(c->view_dtype)};
-  rc = ret_view(fn, result, rt.gather, 2, shape, dtypes[c->view_dtype]);
-done:
-  pthread_mutex_unlock(&rt_mu);
-  return rc;
+  return ret_view(fn, result, rt.gather, 2, shape, dtypes[c->view_dtype]);
+}
+
+EXPORT int __tvm_ffi_ripple_rt_fetch(void* self, const TVMFFIAny* args, int32_t n, TVMFFIAny* result) {
+  (void)self;
+  return sparse_call("ripple.rt.fetch", args, n, result, fetch);
 }
 
 /* out (24,) float64, cumulative since open (kept after close until the next open):
