@@ -94,7 +94,7 @@ def prepare_apps(model: str, cdir: Path, wanted: dict, source_hash: str, predict
     this checkpoint that no configuration of this run uses are removed."""
     from ..compile.app_files import AppError, load_app_json
     from .app_build import build_app
-    from ..tuning.lookahead import LOOKAHEAD_FILE
+    from ..tuning.lookahead import LOOKAHEAD_FILE, beside
     from ..tuning.predictor import PREDICTOR_FILE
     from .app_cmds import storage_rule
     dirs = {name: app_path(cdir, r) for name, r in wanted.items()}
@@ -119,7 +119,7 @@ def prepare_apps(model: str, cdir: Path, wanted: dict, source_hash: str, predict
         # LAYOUT` leaves it; the bench trains it into its cache, keyed by the profile.
         if predictor and not (Path(r.layout_dir) / PREDICTOR_FILE).is_file():
             _link(Path(predictor), Path(r.layout_dir) / PREDICTOR_FILE)
-        ahead = Path(predictor).with_name(f"{Path(predictor).stem}-{LOOKAHEAD_FILE}") if predictor else None
+        ahead = beside(predictor) if predictor else None
         if r.lookahead and ahead is not None and ahead.is_file():
             (Path(r.layout_dir) / LOOKAHEAD_FILE).unlink(missing_ok=True)
             _link(ahead, Path(r.layout_dir) / LOOKAHEAD_FILE)

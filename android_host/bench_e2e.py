@@ -260,10 +260,10 @@ def prepare_ours(path: Path, desc, cdir: Path, dtype: str, sparsity: float | Non
 
 def _has_lookahead(predictor: str, J: int) -> bool:
     """The lookahead predictors beside `predictor` cover 1..J layers ahead (J 0: none needed)."""
-    from ..tuning.lookahead import LOOKAHEAD_FILE, load_lookahead
+    from ..tuning.lookahead import beside, load_lookahead
     if not J:
         return True
-    file = Path(predictor).with_name(f"{Path(predictor).stem}-{LOOKAHEAD_FILE}")
+    file = beside(predictor)
     return file.is_file() and set(range(1, J + 1)) <= set(load_lookahead(file).distances)
 
 

@@ -282,9 +282,9 @@ def train_predictor_cmd(profile: str, out: str, model: str | None = None, sparsi
 
 
 def _train_lookahead(p, pred, cfg, lookahead: int, dest: Path) -> dict:
-    from ..tuning.lookahead import LOOKAHEAD_FILE, heldout_rows, same_layer_row, save_lookahead, train_lookahead
+    from ..tuning.lookahead import beside, heldout_rows, same_layer_row, save_lookahead, train_lookahead
     la = train_lookahead(p, list(range(1, lookahead + 1)), cfg)
-    file = dest.with_name(LOOKAHEAD_FILE if dest.name == "predictor.npz" else f"{dest.stem}-{LOOKAHEAD_FILE}")
+    file = beside(dest)
     save_lookahead(la, file)
     rows = [same_layer_row(pred, p)] + heldout_rows(la, p)
     density = p.density("heldout")

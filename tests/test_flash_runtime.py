@@ -13,6 +13,8 @@ import tvm
 from ripple.compile import native_reader as nr
 from ripple.compile.runtime_config import (HEADER, RuntimeConfig, block_crc_tables, read_runtime_config,
                                            write_runtime_config)
+from ripple.runtime_py.app_session import (MISSES, PF_BYTES, PF_USED, PF_WAIT, PREFETCHES, QD_MAX, QD_SAMPLES,
+                                           QD_SUM)
 from ripple.runtime_py.planner import plan_reads
 
 L, N, WHOLE_BYTES = 4, 300, 3 * 4096
@@ -442,8 +444,6 @@ def test_verify_tables_read_back_and_a_short_one_is_refused_at_open(rt, layout, 
         rt["open"](config(layout, name="short.cfg", **short))
     one_line(e)
 
-
-PREFETCHES, PF_BYTES, PF_USED, PF_UNUSED, MISSES, QD_MAX, QD_SUM, QD_SAMPLES, PF_WAIT = range(15, 24)
 
 
 def prefetch(rt, layer, logits) -> int:

@@ -18,17 +18,25 @@ are compared with (`same_layer_row`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from ..headed_npz import load_headed, save_headed
-from .predictor import Predictor, PredictorError, TrainConfig, _f32, _logits, fit_layer, predicted_masks, \
-    recall_threshold
+from .predictor import (PREDICTOR_FILE, Predictor, PredictorError, TrainConfig, _f32, _logits, fit_layer,
+                        predicted_masks, recall_threshold)
 
 FORMAT = "ripple-lookahead-1"
 LOOKAHEAD_FILE = "lookahead.npz"
+
+
+def beside(predictor_path) -> Path:
+    """Where the lookahead predictors of a predictor file lie: DIR/lookahead.npz beside a
+    layout's DIR/predictor.npz, else NAME-lookahead.npz beside NAME.npz."""
+    p = Path(predictor_path)
+    return p.with_name(LOOKAHEAD_FILE if p.name == PREDICTOR_FILE else f"{p.stem}-{LOOKAHEAD_FILE}")
 
 
 @dataclass
