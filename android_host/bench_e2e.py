@@ -50,7 +50,8 @@ from .bench_io import cache_key, cached_manifest
 CONFIGS = ("llamacpp-warm", "llamacpp-cold", "llamacpp-ffn-cold", "ours", "ours-dense", "native", "lookahead",
            "ours-dram")
 APP_CONFIGS = ("ours", "ours-dense", "native", "lookahead", "ours-dram")
-DEFAULT_CONFIGS = {"gguf": CONFIGS[:6], "folder": ("ours", "lookahead", "ours-dram", "native")}
+DEFAULT_CONFIGS = {"gguf": CONFIGS[:6], "folder": ("ours", "lookahead", "ours-dram", "native"),
+                   "folder+gguf": ("llamacpp-warm", "llamacpp-cold", "ours", "ours-dram", "native")}
 LOOKAHEAD = 3              # layers ahead a sparse layer's reads are issued (the lookahead config)
 LLAMA_EVICTION = {"llamacpp-warm": "none", "llamacpp-cold": "file", "llamacpp-ffn-cold": "ffn"}
 CONFIG_KEYS = ("per_token_ms_median", "per_token_ms_p90", "io_ms", "compute_ms", "bytes_read_per_token",
@@ -123,7 +124,11 @@ def register(bench_sub):
     p.add_argument("--queue-depth", type=int, default=32)
     p.add_argument("--configs", nargs="+", choices=CONFIGS,
                    help=f"default: {' '.join(DEFAULT_CONFIGS['gguf'])} for a GGUF, "
-                        f"{' '.join(DEFAULT_CONFIGS['folder'])} for a folder")
+                        f"{' '.join(DEFAULT_CONFIGS['folder'])} for a folder "
+                        f"(with --llamacpp-model: {' '.join(DEFAULT_CONFIGS['folder+gguf'])})")
+    p.add_argument("--llamacpp-model", metavar="GGUF",
+                   help="the GGUF llama.cpp decodes, when --model is a folder made from it (`ripple sparsify`'s "
+                        "output against the original): the held-out text is the same, the weights are not")
     p.add_argument("--lookahead", type=int, default=LOOKAHEAD,
                    help=f"the lookahead configuration's layers ahead (default {LOOKAHEAD})")
     p.add_argument("--cache-dir", default="build/cache/e2e", help="profile, predictor, layout, APPs, probe file")
@@ -141,7 +146,7 @@ def run_local(args) -> None:
                       threads=args.threads, dtype=args.dtype, sparsity=args.sparsity, profile=args.profile,
                       budget=args.budget, queue_depth=args.queue_depth, configs=args.configs,
                       cache_dir=args.cache_dir, quick_probe=args.quick_probe, rounds=args.rounds,
-                      lookahead=args.lookahead)
+                      lookahead=args.lookahead, llamacpp_model=args.llamacpp_model)
     print_table(r)
 
 
@@ -488,7 +493,10 @@ def bench_e2e_cmd(model: str | None = None, json_out: str | None = None, prompt:
                   tokens: int = 48, threads: int | None = None, dtype: str | None = None,
                   sparsity: float | None = None, profile: str | None = None, budget: float = 0.10,
                   queue_depth: int = 32, configs=None, cache_dir: str = "build/cache/e2e",
-                  quick_probe: bool = False, rounds: int = 1, lookahead: int = LOOKAHEAD) -> dict:
+                  quick_probe: bool = False, rounds: int = 1, lookahead: int = LOOKAHEAD,
+                  llamacpp_model: str | None = None) -> dict:
+    """llamacpp_model: the GGUF the llama.cpp configurations decode when model is a folder (a
+    sparsified model against its original); by default llama.cpp decodes model itself."""
     from .bench_io import BenchError
     from ..tuning.checkpoint import default_model_path
     if rounds < 1:
@@ -496,15 +504,19 @@ def bench_e2e_cmd(model: str | None = None, json_out: str | None = None, prompt:
     if lookahead < 1:
         raise BenchError(f"--lookahead {lookahead}: at least 1 layer ahead")
     path = Path(model) if model else default_model_path()
-    gguf = path.suffix == ".gguf"
-    configs = DEFAULT_CONFIGS["gguf" if gguf else "folder"] if configs is None else configs
+    llama_src = Path(llamacpp_model) if llamacpp_model else path
+    if llamacpp_model and (llama_src.suffix != ".gguf" or not llama_src.is_file()):
+        raise BenchError(f"--llamacpp-model {llamacpp_model}: not a GGUF file; pass the original model's .gguf")
+    gguf = llama_src.suffix == ".gguf"
+    kind = "gguf" if path.suffix == ".gguf" else "folder+gguf" if gguf else "folder"
+    configs = DEFAULT_CONFIGS[kind] if configs is None else configs
     unknown = set(configs) - set(CONFIGS)
     if unknown:
         raise BenchError(f"--configs {' '.join(sorted(unknown))}: choose from {', '.join(CONFIGS)}")
     configs = [c for c in CONFIGS if c in set(configs)]
     if not gguf and any(c in LLAMA_EVICTION for c in configs):
         raise BenchError(f"{path}: llama.cpp reads GGUF files; for a folder choose --configs from "
-                         f"{' '.join(APP_CONFIGS)}")
+                         f"{' '.join(APP_CONFIGS)}, or give the original's GGUF as --llamacpp-model")
     if any(c.startswith("llamacpp") for c in configs):
         from .llamacpp_decode import require_llama_cpp
         require_llama_cpp()                       # one line, before minutes of preparation
@@ -569,7 +581,7 @@ def bench_e2e_cmd(model: str | None = None, json_out: str | None = None, prompt:
         raise BenchError("the llama.cpp configurations alone still need the held-out text: pass --profile")
     prof = load_profile(profile)
     seqs = [s.tolist() for s in prof.sequences("heldout")]
-    llama_path = private_copy(path, cdir) if gguf else None
+    llama_path = private_copy(llama_src, cdir) if gguf else None
 
     per_round = []
     runs = [(r, name) for r in range(rounds) for name in configs]
@@ -618,7 +630,13 @@ def bench_e2e_cmd(model: str | None = None, json_out: str | None = None, prompt:
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         out["ids_same_as_llamacpp_prefix"] = same
         notes.append(f"ours and llama.cpp (warm) decoded the same first {same} of {min(len(a), len(b))} ids "
-                     "(greedy, same GGUF blocks; the sums' order differs)")
+                     + ("(greedy, same GGUF blocks; the sums' order differs)" if llamacpp_model is None else
+                        f"(greedy; llama.cpp decodes {llama_src.name}, a different model from {path.name})"))
+    if llamacpp_model is not None:
+        out["llamacpp_model"] = str(llama_src)
+        notes.append(f"llama.cpp configurations decode {llama_src.name}; ours decode {path.name}: two models, "
+                     "one prompt and one held-out text, so token time, bytes and perplexity compare the "
+                     "models as each engine runs them")
 
     # What the ratios rest on, and why a target is or is not reached on this model.
     gguf_ffn = int(gguf_tensor_ranges(llama_path)[:, 1].sum()) if gguf else None

@@ -7,10 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from .flag_types import check_flags, check_paths, output_dir, output_file
+from .flag_types import check_flags, check_paths, new_output_dir, output_dir, output_file
 from .flag_types import fraction as _fraction, fraction_or_one as _fraction_or_one, share as _share
 from .flag_types import count as _count, nonneg_float as _nonneg_float, positive as _positive
+from .flag_types import positive_float as _positive_float
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,6 +52,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also store each layer's FFN input (fp16), which `ripple train-predictor` needs")
     p.add_argument("--json", help="also write the summary here")
     p.set_defaults(run=_run_profile)
+
+    p = sub.add_parser("sparsify", help="fine-tune a SwiGLU model so that most FFN neurons can be skipped "
+                                        "(writes an HF folder every other verb takes as --model)")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--out", required=True, type=new_output_dir, help="model folder to write (must not exist; "
+                   "work goes to OUT.partial, and the same command resumes it)")
+    p.add_argument("--target-sparsity", type=_fraction, default=0.85,
+                   help="fraction of FFN neurons inactive per token to train for (default 0.85)")
+    p.add_argument("--minutes", type=_positive_float, default=30.0,
+                   help="training budget (default 30); sampling text and the evaluation come on top")
+    p.add_argument("--train-tokens", type=_positive, default=65536,
+                   help="tokens of training text the original samples (default 65536; ~190 tok/s on 2 cores)")
+    p.add_argument("--text", nargs="+", help="text files to train and evaluate on instead (last part held out)")
+    p.add_argument("--lr", type=_positive_float, default=1e-4)
+    p.add_argument("--batch", type=_positive, default=4, help="windows per step (default 4)")
+    p.add_argument("--seq-len", type=_positive, default=256, help="training window, tokens (default 256)")
+    p.add_argument("--calib-tokens", type=_positive, default=1024, help="calibration text (sets thresholds)")
+    p.add_argument("--heldout-tokens", type=_positive, default=2048, help="held-out text (perplexity)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive, help="torch threads (default: torch's)")
+    p.add_argument("--json", help="also write the report here, and the frontier plot beside it (.png)")
+    p.set_defaults(run=_run_sparsify)
 
     p = sub.add_parser("train-predictor", help="train activation predictors (h -> active neurons) from a profile")
     p.add_argument("--profile", required=True, help="profile with FFN inputs (`ripple profile --record-inputs`)")
@@ -262,6 +286,24 @@ def _run_profile(args) -> None:
     if args.json:
         api.write_json(args.json, s)
     _print_profile(s)
+
+
+def _run_sparsify(args) -> None:
+    from . import interface as api
+    r = api.sparsify_cmd(args.model, args.out, args.target_sparsity, args.minutes, args.train_tokens,
+                         args.text, args.lr, args.batch, args.seq_len, args.calib_tokens,
+                         args.heldout_tokens, args.seed, args.threads)
+    if args.json:
+        api.write_json(args.json, r)
+        api.plot_sparsify(r, str(Path(args.json).with_suffix(".png")))
+    f = r["frontier"]
+    print(f"{'inactive':>9} {'original thresholded':>21} {'sparsified':>11}   (held-out ppl over dense "
+          f"original, {r['ppl_dense_original']:.3f})")
+    for s, a, b in zip(f["sparsity"], f["original_thresholded_ppl_ratio"], f["sparsified_ppl_ratio"]):
+        print(f"{s:9.2f} {a - 1:+21.1%} {b - 1:+11.1%}")
+    print(f"wrote {args.out}: {r['inactive_fraction']:.1%} of FFN neurons inactive on held-out text at "
+          f"{r['ppl_ratio'] - 1:+.1%} perplexity; {r['steps']} steps, {r['tokens_seen']} tokens in "
+          f"{r['train_seconds'] / 60:.1f} min ({r['device']}), peak RSS {r['peak_rss_bytes'] / 1e9:.1f} GB")
 
 
 def _run_train_predictor(args) -> None:

@@ -8,6 +8,7 @@ from ..tuning.model import ModelLoadError
 from ..tuning.placement import PlacementError
 from ..tuning.predictor import PredictorError
 from ..tuning.profile import ProfileError
+from ..tuning.sparsify import SparsifyError
 from .bench_placement import PlacementBenchError
 from .probe import ProbeError
 from .rpc import RemoteError
@@ -16,4 +17,4 @@ from .rpc import RemoteError
 USER_ERRORS = (LayoutError, ReadError, CalibrationError, ModelLoadError, ProfileError, PredictorError,
                PlacementError, PlacementBenchError, ToolchainError, ProbeError, ValueError,
                FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError,
-               PermissionError, RemoteError)
+               PermissionError, RemoteError, SparsifyError)

@@ -90,6 +90,13 @@ def output_dir(text: str) -> str:
     return output_path(text)
 
 
+def new_output_dir(text: str) -> str:
+    """A folder that a verb creates whole (it must not exist yet)."""
+    if Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text} exists; pass a new --out (or remove it)")
+    return output_path(text)
+
+
 def output_file(text: str) -> str:
     if Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name in it")

@@ -325,3 +325,75 @@ def set_policy(layout, desc, sparsity: float, sets: str | None, predictor: str |
         raise PredictorError(f"{where} predicts {pred.criterion!r} sets, the layout was packed for "
                              f"{criterion!r}; train it from a {criterion!r} profile")
     return "predicted", lowrank_sets(predictor_to_torch(pred, predictor_dram))
+
+
+def sparsify_cmd(model: str | None, out: str, target: float = 0.85, minutes: float = 30.0,
+                 train_tokens: int = 65536, text: list[str] | None = None, lr: float = 1e-4,
+                 batch: int = 4, seq_len: int = 256, calib_tokens: int = 1024,
+                 heldout_tokens: int = 2048, seed: int = 0, threads: int | None = None) -> dict:
+    """`ripple sparsify`: OUT, an HF folder of the model fine-tuned to run at `target` sparsity
+    (tuning.sparsify). Text: sampled by the original model (training from TRAINING_PROMPTS;
+    calibration and held-out exactly as `ripple profile` samples them, so the frontier's
+    original side is `ripple profile --calib-tokens C --heldout-tokens H` of the original),
+    or the user's files (last sequences held out)."""
+    from ..tuning.calibration import TRAINING_PROMPTS
+    from ..tuning.relu_tiny import write_split_texts
+    from ..tuning.sparsify import Settings, SparsifyError, Text, check, sparsify
+
+    if Path(out).exists():
+        raise SparsifyError(f"{out} exists; pass a new --out (or remove it)")
+    path = model or default_model_path()
+    desc = load_model(path)
+    settings = Settings(target, minutes, lr, batch, seq_len, seed=seed)
+    check(desc, settings)
+    tok = load_tokenizer(path)
+
+    def make_text() -> Text:
+        if text:
+            seqs = file_sequences(tok, text, seq_len)
+            train, held = split_heldout(seqs, heldout_tokens / max(1, sum(map(len, seqs))))
+            return Text(train, train[: max(1, calib_tokens // seq_len)], held,
+                        f"files: {', '.join(text)} (last sequences held out, never trained on)")
+        tm = to_torch(desc)
+        calib = sample_sequences(tm, tok, CALIBRATION_PROMPTS, calib_tokens, 128, seed, "calibration text")
+        held = sample_sequences(tm, tok, HELDOUT_PROMPTS, heldout_tokens, 128, seed + 1, "held-out text")
+        # bf16 and 32 rows at a time: the training text is the slow part to sample (~190 tok/s
+        # on 2 cores), and its exact tokens matter less than its amount.
+        fast = to_torch(desc, dtype=torch.bfloat16)
+        train = sample_sequences(fast, tok, TRAINING_PROMPTS, train_tokens, seq_len, seed + 2,
+                                 "training text", batch=32)
+        return Text(train, calib, held, "self-sampled by the original (temperature 0.8, top-50): "
+                    "training, calibration and held-out from disjoint seeds, held-out prompts never trained on")
+
+    def split_text(folder: Path, t: Text) -> None:
+        joined = lambda seqs: "\n\n".join(tok.decode(q.tolist()) for q in seqs)  # noqa: E731
+        write_split_texts(folder, joined(t.calib), joined(t.heldout),
+                          {"label": f"{desc.name or path}, sparsified: the original's text", "source": t.source})
+
+    with _torch_threads(threads):
+        return sparsify(desc, make_text, settings, out, tokenizer=tok, extra_files=split_text)
+
+
+def plot_sparsify(report: dict, png: str) -> None:
+    """Held-out perplexity rise against inactive fraction: the original thresholded and the
+    sparsified model, with the goal marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    f = report["frontier"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("original_thresholded_ppl_ratio", "original, thresholded (coef)"),
+                       ("sparsified_ppl_ratio", f"sparsified ({report['steps']} steps, "
+                                                f"{report['train_seconds'] / 60:.0f} min)")):
+        ax.plot(f["sparsity"], [100 * (r - 1) for r in f[key]], marker="o", label=label)
+    ax.plot([0.85], [15], marker="*", markersize=14, linestyle="", color="k", label="goal: 85% at +15%")
+    ax.set_xlabel("FFN neurons inactive per token (threshold from calibration text)")
+    ax.set_ylabel("held-out perplexity rise over dense original (%)")
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_title(f"ripple sparsify: {report['model']}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)

@@ -29,6 +29,21 @@ def test_without_llama_cpp_it_says_make_bench_deps_in_one_line(monkeypatch, tmp_
     assert not out.exists()
 
 
+@pytest.mark.parametrize("extra, says", [
+    (["--configs", "llamacpp-warm"], "give the original's GGUF as --llamacpp-model"),
+    (["--llamacpp-model", "NOTES"], "not a GGUF file; pass the original model's .gguf"),
+])
+def test_a_folder_takes_llama_cpp_only_with_a_gguf_beside_it(random_llama_dir, tmp_path, capsys, extra, says):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model")
+    out = tmp_path / "e2e.json"
+    rc = main(["bench", "e2e", "--model", str(random_llama_dir), "--json", str(out), "--cache-dir",
+               str(tmp_path / "cache")] + [str(notes) if a == "NOTES" else a for a in extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and says in err[0], err
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
 def _llama_raw(ms, verified, resident):
     return {"token_ms": ms, "bytes_read": [0 if verified is None else 1 << 20] * len(ms),
             "resident_before": [resident] * len(ms), "kv_bytes": 1000, "evicted_verified": verified,

@@ -56,6 +56,8 @@ MISSING = [
     ("bench kernels --model T/nope.gguf --json T/out/b.json", "nope.gguf: no such"),
     ("bench placement --profile T/nope.npz --json T/out/b.json", "nope.npz: no such file"),
     ("bench predictor --profile T/nope.npz --json T/out/b.json", "nope.npz: no such file"),
+    ("sparsify --model T/nope.gguf --out T/out/sp", "nope.gguf: no such"),
+    ("sparsify --out T/out/sp --text T/missing.txt", "missing.txt: no such file"),
 ]
 
 FOLDER_FOR_A_FILE = [
@@ -70,6 +72,8 @@ FOLDER_FOR_A_FILE = [
     ("bench predictor --profile T/adir --json T/out/b.json", "adir is a folder, not a file"),
     # and the other way round: a file where a folder must be
     ("pack --out T/notes.txt", "notes.txt is a file; give a folder"),
+    ("sparsify --out T/notes.txt", "notes.txt exists; pass a new --out"),
+    ("sparsify --out T/adir", "adir exists; pass a new --out"),
     ("export --target host --layout T/adir --out T/notes.txt", "notes.txt is a file; give a folder"),
     ("profile --out T/notes.txt/p.npz", "notes.txt is a file, not a folder"),
     ("inspect T/notes.txt", "manifest.json: no manifest; run `ripple pack`"),
@@ -87,6 +91,7 @@ WRONG_KIND = [
     ("place --profile T/notes.txt --out T/out/pl.npz", "notes.txt"),
     ("train-predictor --profile T/notes.txt --out T/out/pred.npz", "notes.txt"),
     ("tune kernels --model T/gpt2", "model_type 'gpt2' is not supported"),
+    ("sparsify --model T/gpt2 --out T/out/sp", "model_type 'gpt2' is not supported"),
     ("export --target nosuch --layout T/adir --out T/out/exp", "nosuch"),
 ]
 
@@ -114,6 +119,9 @@ BAD_NUMBERS = [
     ("bench placement --k -1 --json T/out/b.json", "--k: -1 must be at least 1"),
     ("bench predictor --profile T/notes.txt --sparsities 1.5 --json T/out/b.json", "--sparsities: 1.5"),
     ("bench predictor --profile T/notes.txt --recall 0 --json T/out/b.json", "--recall: 0.0 is outside"),
+    ("sparsify --out T/out/sp --target-sparsity 1.5", "--target-sparsity: 1.5 is outside [0, 1)"),
+    ("sparsify --out T/out/sp --minutes 0", "--minutes: 0.0 must be above 0"),
+    ("sparsify --out T/out/sp --lr -1", "--lr: -1.0 must be above 0"),
 ]
 
 

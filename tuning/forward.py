@@ -244,14 +244,21 @@ def forward(tm: TorchModel, tokens: torch.Tensor, cache: KVCache | None = None,
 
     pad (B,): row b is left-padded with pad[b] tokens, which no token attends to and which
     do not count as positions; it lets prompts of different lengths share one batch."""
+    return forward_with_grad(tm, tokens, cache, ffn, last_only, pad)
+
+
+def forward_with_grad(tm: TorchModel, tokens: torch.Tensor, cache: KVCache | None = None,
+                      ffn: FFN | None = None, last_only: bool = False,
+                      pad: torch.Tensor | None = None) -> torch.Tensor:
+    """forward, recording autograd (what training the model's own weights needs: sparsify)."""
     ffn = ffn or dense_ffn(tm)
     start = cache.length if cache is not None else 0
     T = tokens.shape[1]
     if start + T > tm.desc.max_positions:
         raise ValueError(f"sequence of {start + T} tokens exceeds the model's "
                          f"{tm.desc.max_positions} positions; use fewer tokens")
-    q_idx = torch.arange(start, start + T)
-    k_idx = torch.arange(start + T)
+    q_idx = torch.arange(start, start + T, device=tokens.device)
+    k_idx = torch.arange(start + T, device=tokens.device)
     mask = (k_idx[None, :] <= q_idx[:, None])[None, None]              # (1, 1, T, S)
     pos = q_idx[None]                                                  # (1, T)
     if pad is not None:

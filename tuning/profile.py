@@ -114,6 +114,27 @@ def record_inputs(tm: TorchModel, seqs: list[np.ndarray], criterion: str,
     return np.stack([np.concatenate(x) for x in xs]), np.stack([np.concatenate(q) for q in m])
 
 
+def frontier(tm: TorchModel, calib: list[np.ndarray], heldout: list[np.ndarray], grid: tuple,
+             criterion: str = "coef", desc: str = "profile") -> tuple[np.ndarray, np.ndarray]:
+    """((g, L) thresholds, (g,) held-out perplexity) at each sparsity of grid: thresholds are
+    per-layer quantiles of the calibration scores, perplexity is measured on heldout."""
+    kept, _ = _record(tm, calib, criterion, None, True, f"{desc}: calibration scores")
+    layer_scores = [np.concatenate(k) for k in kept]
+    del kept
+    grid_thr = np.array([[thresholds_for(ls, s) for ls in layer_scores] for s in grid])
+    del layer_scores
+    grid_ppl = np.array([perplexity(tm, heldout, sparse_ffn(tm, thr, criterion))
+                         for thr in tqdm(grid_thr, desc=f"{desc}: held-out perplexity per sparsity")])
+    return grid_thr, grid_ppl
+
+
+def active_fraction(tm: TorchModel, seqs: list[np.ndarray], criterion: str,
+                    thresholds: np.ndarray) -> np.ndarray:
+    """(L,) fraction of (token, neuron) pairs active on seqs at these per-layer thresholds."""
+    _, m = _record(tm, seqs, criterion, thresholds, False, "active fraction")
+    return np.array([np.unpackbits(np.concatenate(q), axis=-1, count=tm.desc.d_ffn).mean() for q in m])
+
+
 def run_profile(tm: TorchModel, calib: list[np.ndarray], heldout: list[np.ndarray],
                 criterion: str = "coef", sparsity: float | None = None, ppl_budget: float = 0.10,
                 grid: tuple = DEFAULT_GRID, meta: dict | None = None,
@@ -123,13 +144,7 @@ def run_profile(tm: TorchModel, calib: list[np.ndarray], heldout: list[np.ndarra
     if ppl_budget < 0:
         raise ProfileError(f"perplexity budget {ppl_budget} is negative; pass e.g. --ppl-budget 0.1")
     grid = tuple(sorted(set(grid) | ({sparsity} if sparsity is not None else set())))
-    kept, _ = _record(tm, calib, criterion, None, True, "profile: calibration scores")
-    layer_scores = [np.concatenate(k) for k in kept]
-    del kept
-    grid_thr = np.array([[thresholds_for(ls, s) for ls in layer_scores] for s in grid])
-    del layer_scores
-    grid_ppl = np.array([perplexity(tm, heldout, sparse_ffn(tm, thr, criterion))
-                         for thr in tqdm(grid_thr, desc="profile: held-out perplexity per sparsity")])
+    grid_thr, grid_ppl = frontier(tm, calib, heldout, grid, criterion)
     dense_ppl = grid_ppl[0] if grid[0] == 0.0 else perplexity(tm, heldout)
     if sparsity is None:
         ok = [i for i, p in enumerate(grid_ppl) if p <= dense_ppl * (1 + ppl_budget)]

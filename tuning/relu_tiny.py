@@ -120,18 +120,24 @@ def text_digest(texts: list[str]) -> str:
 def write_text_split(folder: Path, root: Path, split: dict[str, list[str]], meta: dict) -> dict:
     """Write calibration.txt, heldout.txt and text_split.json under `folder` (being built, so
     not atomic per file: the whole folder is renamed into place by its writer)."""
-    (folder / RECORDS).mkdir(exist_ok=True)
-    record = {"format": SPLIT_FORMAT, "label": LABEL, "source": "python-stdlib",
+    record = {"label": LABEL, "source": "python-stdlib",
               "source_root": "the running interpreter's standard library (sysconfig 'stdlib')",
               "split_rule": (f"blake2b-64 of the relative path mod 1000: < {HELDOUT_PER_MILLE} held-out, "
                              f"< {HELDOUT_PER_MILLE + CALIBRATION_PER_MILLE} calibration, else train"),
-              "calibration_text": CALIBRATION_TEXT, "heldout_text": HELDOUT_TEXT, **meta}
-    for side, name in (("calibration", CALIBRATION_TEXT), ("heldout", HELDOUT_TEXT)):
-        texts = read_text(root, split[side])
-        (folder / name).write_text("\n\n".join(texts), encoding="utf-8")
-        record[f"{side}_bytes"] = sum(len(t.encode("utf-8")) for t in texts)
-    for side in SPLITS:
-        record[f"{side}_files"] = split[side]
+              **meta, **{f"{side}_files": split[side] for side in SPLITS}}
+    return write_split_texts(folder, "\n\n".join(read_text(root, split["calibration"])),
+                             "\n\n".join(read_text(root, split["heldout"])), record)
+
+
+def write_split_texts(folder: Path, calibration: str, heldout: str, record: dict) -> dict:
+    """A folder's text split from the two texts (any model folder: relu-tiny's stdlib files,
+    sparsify's text sampled from the original model); record: label and provenance."""
+    (folder / RECORDS).mkdir(exist_ok=True)
+    record = {"format": SPLIT_FORMAT, "calibration_text": CALIBRATION_TEXT,
+              "heldout_text": HELDOUT_TEXT, **record}
+    for name, text, side in ((CALIBRATION_TEXT, calibration, "calibration"), (HELDOUT_TEXT, heldout, "heldout")):
+        (folder / name).write_text(text, encoding="utf-8")
+        record[f"{side}_bytes"] = len(text.encode("utf-8"))
     (folder / SPLIT_FILE).write_text(json.dumps(record, indent=1))
     return record
 
