@@ -297,10 +297,12 @@ def _run_sparsify(args) -> None:
         api.write_json(args.json, r)
         api.plot_sparsify(r, str(Path(args.json).with_suffix(".png")))
     f = r["frontier"]
-    print(f"{'inactive':>9} {'original thresholded':>21} {'sparsified':>11}   (held-out ppl over dense "
-          f"original, {r['ppl_dense_original']:.3f})")
-    for s, a, b in zip(f["sparsity"], f["original_thresholded_ppl_ratio"], f["sparsified_ppl_ratio"]):
-        print(f"{s:9.2f} {a - 1:+21.1%} {b - 1:+11.1%}")
+    print(f"calibration sparsity: held-out inactive and held-out ppl over the dense original "
+          f"({r['ppl_dense_original']:.3f})")
+    print(f"{'':>6} {'original thresholded':>24} {'sparsified':>19}")
+    for s, ia, a, ib, b in zip(f["sparsity"], f["original_heldout_inactive"], f["original_thresholded_ppl_ratio"],
+                               f["sparsified_heldout_inactive"], f["sparsified_ppl_ratio"]):
+        print(f"{s:6.2f} {ia:12.1%} {a - 1:+11.1%} {ib:10.1%} {b - 1:+8.1%}")
     print(f"wrote {args.out}: {r['inactive_fraction']:.1%} of FFN neurons inactive on held-out text at "
           f"{r['ppl_ratio'] - 1:+.1%} perplexity; {r['steps']} steps, {r['tokens_seen']} tokens in "
           f"{r['train_seconds'] / 60:.1f} min ({r['device']}), peak RSS {r['peak_rss_bytes'] / 1e9:.1f} GB")

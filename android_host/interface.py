@@ -383,12 +383,13 @@ def plot_sparsify(report: dict, png: str) -> None:
 
     f = report["frontier"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("original_thresholded_ppl_ratio", "original, thresholded (coef)"),
-                       ("sparsified_ppl_ratio", f"sparsified ({report['steps']} steps, "
-                                                f"{report['train_seconds'] / 60:.0f} min)")):
-        ax.plot(f["sparsity"], [100 * (r - 1) for r in f[key]], marker="o", label=label)
+    for side, label in (("original", "original, thresholded (coef)"),
+                        ("sparsified", f"sparsified ({report['steps']} steps, "
+                                       f"{report['train_seconds'] / 60:.0f} min)")):
+        ratio = f["original_thresholded_ppl_ratio" if side == "original" else "sparsified_ppl_ratio"]
+        ax.plot(f[f"{side}_heldout_inactive"], [100 * (r - 1) for r in ratio], marker="o", label=label)
     ax.plot([0.85], [15], marker="*", markersize=14, linestyle="", color="k", label="goal: 85% at +15%")
-    ax.set_xlabel("FFN neurons inactive per token (threshold from calibration text)")
+    ax.set_xlabel("FFN neurons inactive per held-out token (thresholds from calibration text)")
     ax.set_ylabel("held-out perplexity rise over dense original (%)")
     ax.set_yscale("symlog", linthresh=10)
     ax.set_title(f"ripple sparsify: {report['model']}", fontsize=9)

@@ -91,6 +91,11 @@ def test_sparsify_writes_a_folder_every_verb_loads(ffn_heavy, tmp_path):
     assert f["sparsity"][0] == 0.0 and f["original_thresholded_ppl_ratio"][0] == 1.0
     i = f["sparsity"].index(SETTINGS.target)
     assert r["ppl_ratio"] == f["sparsified_ppl_ratio"][i] > 0
+    assert f["sparsified_heldout_inactive"][i] == pytest.approx(r["inactive_fraction"], abs=1e-4)
+    assert f["original_heldout_inactive"][0] == 0.0 and f["sparsified_heldout_inactive"][0] == 0.0
+    from ripple.android_host.interface import plot_sparsify
+    plot_sparsify(r, str(tmp_path / "frontier.png"))
+    assert (tmp_path / "frontier.png").stat().st_size > 0
 
 
 def test_training_lowers_the_distillation_loss(ffn_heavy, tmp_path):
