@@ -26,6 +26,7 @@ from ..tuning.forward import quantizable_non_ffn, to_torch, to_torch_quantized
 from ..tuning.load_gguf import ffn_q4_1_rows, ffn_tensors
 from ..tuning.relu_tiny import SPLIT_TEXT_NOTE, split_sequences
 from ..tuning.profile import Profile, ProfileError, load_profile, run_profile, save_profile, thresholds_at
+from ..tuning.sparsify import trained_target
 
 
 def profile_summary(p: Profile) -> dict:
@@ -58,8 +59,10 @@ def profile_cmd(model: str | None, out: str, text: list[str] | None = None, crit
         calib = sample_sequences(tm, tok, CALIBRATION_PROMPTS, calib_tokens, seq_len, seed, "calibration text")
         held = sample_sequences(tm, tok, HELDOUT_PROMPTS, heldout_tokens, seq_len, seed + 1, "held-out text")
         source = "self-sampled (temperature 0.8, top-50); disjoint prompt lists and seeds"
-    p = run_profile(tm, calib, held, criterion, sparsity, ppl_budget, meta={"text": source, "model": str(path)},
-                    record_inputs=record_inputs)
+    meta = {"text": source, "model": str(path)}
+    if sparsity is None and (sparsity := trained_target(path)) is not None:
+        meta["sparsity_rule"] = "the target `ripple sparsify` trained this model for"
+    p = run_profile(tm, calib, held, criterion, sparsity, ppl_budget, meta=meta, record_inputs=record_inputs)
     save_profile(p, out)
     return profile_summary(p)
 

@@ -13,7 +13,7 @@ from ripple.tuning.checkpoint import load_model
 from ripple.tuning.forward import forward, to_torch
 from ripple.tuning.save_hf import save_hf
 from ripple.tuning.sparsify import (REPORT, STATE, Settings, SparsifyError, Text, learning_rate,
-                                    mask_sparsity, masked_ffn, sparsify)
+                                    mask_sparsity, masked_ffn, sparsify, trained_target)
 
 SETTINGS = Settings(target=0.7, minutes=0.04, lr=3e-4, batch=2, seq_len=24, ramp=0.0)
 
@@ -96,6 +96,35 @@ def test_sparsify_writes_a_folder_every_verb_loads(ffn_heavy, tmp_path):
     from ripple.android_host.interface import plot_sparsify
     plot_sparsify(r, str(tmp_path / "frontier.png"))
     assert (tmp_path / "frontier.png").stat().st_size > 0
+
+
+def _char_tokenizer(folder):
+    """A character-level tokenizer within the random Llama's 128 ids: profiling text files needs one."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {chr(32 + i): i for i in range(95)} | {"[UNK]": 95}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(str(folder))
+
+
+def test_profiling_a_sparsified_folder_defaults_to_the_target_it_was_trained_for(ffn_heavy, random_llama_dir,
+                                                                                 tmp_path):
+    from ripple.android_host.interface import profile_cmd
+    from ripple.tuning.profile import load_profile
+    out = tmp_path / "sparse"
+    sparsify(ffn_heavy, _text, SETTINGS, out)
+    _char_tokenizer(out)
+    words = tmp_path / "words.txt"
+    words.write_text(" ".join(f"line {i}: some text to profile on." for i in range(200)))
+    kw = dict(text=[str(words)], calib_tokens=256, heldout_tokens=64, seq_len=32)
+    profile_cmd(str(out), str(tmp_path / "p.npz"), **kw)
+    p = load_profile(tmp_path / "p.npz")
+    assert p.sparsity == SETTINGS.target and "ripple sparsify" in p.meta["sparsity_rule"]
+    profile_cmd(str(out), str(tmp_path / "q.npz"), sparsity=0.5, **kw)       # asked for: as asked
+    q = load_profile(tmp_path / "q.npz")
+    assert q.sparsity == 0.5 and q.meta["sparsity_rule"] == "fixed"
+    assert trained_target(random_llama_dir) is None                             # any other model
 
 
 def test_training_lowers_the_distillation_loss(ffn_heavy, tmp_path):

@@ -162,8 +162,8 @@ def run_profile(tm: TorchModel, calib: list[np.ndarray], heldout: list[np.ndarra
     lens = lambda seqs: np.array([len(q) for q in seqs], dtype=np.int32)  # noqa: E731
     info = dict(meta or {})
     info.update(calib_tokens=int(sum(map(len, calib))), heldout_tokens=int(sum(map(len, heldout))),
-                ppl_dense=float(dense_ppl), ppl_budget=ppl_budget,
-                sparsity_rule="fixed" if sparsity is not None else f"highest within {ppl_budget:.0%} of dense")
+                ppl_dense=float(dense_ppl), ppl_budget=ppl_budget)
+    info.setdefault("sparsity_rule", "fixed" if sparsity is not None else f"highest within {ppl_budget:.0%} of dense")
     return Profile(criterion, np.array(grid), grid_thr, grid_ppl, float(grid[chosen]), thr,
                    np.stack([np.concatenate(m) for m in m_cal]),
                    np.stack([np.concatenate(m) for m in m_held]),

@@ -109,6 +109,18 @@ def check(desc: ModelDesc, settings: Settings) -> None:
         raise SparsifyError(f"ramp {settings.ramp} is outside [0, 1]")
 
 
+def trained_target(folder: str | os.PathLike) -> float | None:
+    """The sparsity a folder written by sparsify was trained for; None for any other model.
+    Profiling takes it as the default: the usual rule (highest sparsity within 10% of the
+    model's own dense perplexity) measures against the fine-tuned model, which is already a
+    little worse than the original, and so picks a lower sparsity than the one it was made
+    for and whose frontier the report gives."""
+    report = Path(folder) / REPORT
+    if not report.is_file():
+        return None
+    return float(json.loads(report.read_text())["settings"]["target"])
+
+
 def mask_sparsity(settings: Settings, p: float) -> float:
     """The mask's sparsity at fraction p of the budget."""
     return settings.target if settings.ramp == 0 else settings.target * min(1.0, p / settings.ramp)
