@@ -111,10 +111,9 @@ def check(desc: ModelDesc, settings: Settings) -> None:
 
 def trained_target(folder: str | os.PathLike) -> float | None:
     """The sparsity a folder written by sparsify was trained for; None for any other model.
-    Profiling takes it as the default: the usual rule (highest sparsity within 10% of the
-    model's own dense perplexity) measures against the fine-tuned model, which is already a
-    little worse than the original, and so picks a lower sparsity than the one it was made
-    for and whose frontier the report gives."""
+    Profiling takes it as the default instead of the usual rule (highest sparsity within 10%
+    of dense), which can stop short of it: the user chose the target, and its cost against
+    the original is what sparsify's report gives."""
     report = Path(folder) / REPORT
     if not report.is_file():
         return None
