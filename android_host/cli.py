@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+", help="calibration text files (default: text the model samples itself)")
     p.add_argument("--criterion", choices=["coef", "gate"], default="coef",
                    help="coef: |silu(gate)*up| (default); gate: |silu(gate)| (CATS)")
-    p.add_argument("--sparsity", type=_fraction, help="fixed sparsity (default: highest within --ppl-budget; for a folder `ripple sparsify` wrote, the sparsity it was trained for)")
+    p.add_argument("--sparsity", type=_fraction, help="fixed sparsity (default: highest within --ppl-budget; "
+                   "for a folder `ripple sparsify` wrote, the sparsity it was trained for)")
     p.add_argument("--ppl-budget", type=_nonneg_float, default=0.10,
                    help="allowed held-out perplexity rise over dense (default 0.10)")
     p.add_argument("--calib-tokens", type=_positive, default=1024)
